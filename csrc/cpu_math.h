@@ -1,0 +1,46 @@
+// Small helpers shared by the C++ CPU kernels.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+// Hot row loops are compiled twice, for AVX2+FMA and for the x86-64 baseline, and picked at load
+// time by the CPU (GCC function multiversioning): 2-3x on the exp-bound loops, still portable.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define RLHF_FAST_SIMD_CLONES
+#endif
+
+namespace rlhf_fast {
+
+// exp(x) for x <= 0 in float, branch-free so `#pragma omp simd` loops vectorise (std::exp does not
+// without -ffast-math, which would break -inf handling). Cody-Waite reduction + degree-7 polynomial:
+// relative error ~1e-7. Inputs below -87 (and -inf) give exactly 0.
+static inline float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  // round to nearest by the 1.5·2^23 trick (vectorises on plain SSE2, unlike nearbyint)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+static inline double exp_nonpos(double x) { return std::exp(x); }
+
+// The clamp used beside exp_nonpos so that p·(z - m) is 0, not nan, where z is -inf.
+static inline float clamp_low(float x) { return x < -87.0f ? -87.0f : x; }
+static inline double clamp_low(double x) { return x < -745.0 ? -745.0 : x; }
+
+}  // namespace rlhf_fast

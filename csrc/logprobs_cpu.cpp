@@ -1,0 +1,158 @@
+// logprobs on the CPU: one pass over each row in the forward (online max / sum-exp / Σp·z), one
+// read + one write in the backward (p recomputed from the saved logsumexp). No [N, V] temporary:
+// each row is converted to the math type chunk by chunk in a small stack buffer.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "cpu_math.h"
+
+namespace rlhf_fast {
+namespace {
+
+constexpr int64_t kChunk = 1024;
+
+template <typename acc_t>
+struct RowStats {
+  acc_t lse, entropy;
+};
+
+// Online softmax statistics of z = x·inv_t over one row: m (running max), s = Σ exp(z - m),
+// t = Σ exp(z - m)·(z - m). When the max moves from m to m', s and t are rescaled by exp(m - m')
+// (and t shifted by (m - m')·s). At the end lse = m + log s and H = log s - t / s.
+template <typename scalar_t, typename acc_t>
+RLHF_FAST_SIMD_CLONES RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = neg_inf, s = 0, t = 0;
+  acc_t buf[kChunk];
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    acc_t cmax = neg_inf;
+#pragma omp simd reduction(max : cmax)
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = static_cast<acc_t>(x[c0 + i]) * inv_t;
+      cmax = std::max(cmax, buf[i]);
+    }
+    if (cmax == neg_inf) continue;  // all -inf so far: contributes nothing
+    if (cmax > m) {
+      if (m != neg_inf) {
+        const acc_t d = m - cmax, scale = exp_nonpos(d);
+        t = scale * (t + d * s);
+        s = scale * s;
+      }
+      m = cmax;
+    }
+    acc_t cs = 0, ct = 0;
+#pragma omp simd reduction(+ : cs, ct)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t w = buf[i] - m;
+      const acc_t e = exp_nonpos(w);
+      cs += e;
+      ct += e * clamp_low(w);
+    }
+    s += cs;
+    t += ct;
+  }
+  const acc_t log_s = std::log(s);
+  return {m + log_s, log_s - t / s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
+                                                                 const at::Tensor& labels,
+                                                                 double inv_temperature,
+                                                                 int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [N, V] with unit column stride");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
+              "labels must be int64 [N]");
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = logits.options().dtype(out_dtype);
+  at::Tensor logp = at::empty({N}, opts), entropy = at::empty({N}, opts), lse = at::empty({N}, opts);
+  const at::Tensor lab = labels.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t* y = lab.data_ptr<int64_t>();
+    acc_t *lp = logp.data_ptr<acc_t>(), *ent = entropy.data_ptr<acc_t>(), *ls = lse.data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (y[r] == ignore_index) {
+          lp[r] = ent[r] = ls[r] = 0;
+          continue;
+        }
+        const scalar_t* row = x + r * row_stride;
+        const RowStats<acc_t> st = row_stats<scalar_t, acc_t>(row, V, inv_t);
+        lp[r] = static_cast<acc_t>(row[y[r]]) * inv_t - st.lse;
+        ent[r] = st.entropy;
+        ls[r] = st.lse;
+      }
+    });
+  });
+  return {logp, entropy, lse};
+}
+
+// One row of the backward: grad_x = a·(onehot - p) - b·p·(z - lse + H), with a = g_lp/T, b = g_ent/T.
+template <typename scalar_t, typename acc_t>
+RLHF_FAST_SIMD_CLONES void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t a, acc_t b, acc_t lse,
+              acc_t h, acc_t inv_t) {
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) {
+    const acc_t w = static_cast<acc_t>(row[i]) * inv_t - lse;
+    const acc_t p = exp_nonpos(w);
+    out[i] = static_cast<scalar_t>(-a * p - b * p * (clamp_low(w) + h));
+  }
+  // the label's entry, recomputed so that half outputs are rounded once
+  const acc_t w = static_cast<acc_t>(row[label]) * inv_t - lse, p = exp_nonpos(w);
+  out[label] = static_cast<scalar_t>(a * (1 - p) - b * p * (clamp_low(w) + h));
+}
+
+// grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z·inv_t.
+at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                            const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [N, V] with unit column stride");
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  at::Tensor grad = at::empty({N, V}, logits.options());
+  const at::Tensor lab = labels.contiguous(), glp = grad_logp.contiguous(), ls = lse.contiguous(),
+                   ent = entropy.contiguous();
+  const bool has_gent = grad_entropy.has_value() && grad_entropy->defined();
+  const at::Tensor gent = has_gent ? grad_entropy->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(glp.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "grad_logp has the wrong dtype");
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* gx = grad.data_ptr<scalar_t>();
+    const int64_t* y = lab.data_ptr<int64_t>();
+    const acc_t *g_lp = glp.data_ptr<acc_t>(), *l = ls.data_ptr<acc_t>(), *h = ent.data_ptr<acc_t>();
+    const acc_t* g_ent = has_gent ? gent.data_ptr<acc_t>() : nullptr;
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* out = gx + r * V;
+        if (y[r] == ignore_index) {
+          std::fill(out, out + V, scalar_t(0));
+          continue;
+        }
+        row_grad<scalar_t, acc_t>(x + r * row_stride, out, V, y[r], g_lp[r] * inv_t,
+                                  (g_ent ? g_ent[r] : acc_t(0)) * inv_t, l[r], h[r], inv_t);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("logprobs_fwd", &logprobs_fwd_cpu);
+  m.impl("logprobs_bwd", &logprobs_bwd_cpu);
+}
+
+}  // namespace rlhf_fast

@@ -1,0 +1,42 @@
+"""rlhf_fast: fused loss-side ops for RLHF (log-probs, entropy, KL, GAE, PPO losses) and training stages.
+
+    import rlhf_fast as rf
+    logp, ent = rf.logprobs(logits, labels, return_entropy=True)
+
+Backends (reference PyTorch, C++ CPU, CUDA, Triton) are picked per op by device; see
+``rf.available_backends()`` and ``rf.use_backend``. Importing never fails because a backend is missing.
+"""
+from . import _backend, _compiled  # noqa: F401  (registers the compiled backends when built)
+from . import ops  # noqa: F401  (registers the Triton backends when triton imports)
+from ._backend import BACKENDS, backends_for, use_backend, why_unavailable
+from .functional import (
+    gae,
+    grpo_advantages,
+    kl,
+    kl_penalized_rewards,
+    linear_logprobs,
+    logprobs,
+    masked_mean,
+    masked_whiten,
+    pairwise_reward_loss,
+    ppo_loss_from_logits,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reinforce_pp_returns,
+    rloo_advantages,
+)
+
+__version__ = "0.1.0"
+
+
+def available_backends() -> dict[str, str]:
+    """Each backend -> "ok" or the reason it cannot be used in this process."""
+    return {b: why_unavailable(b) or "ok" for b in BACKENDS}
+
+
+__all__ = [
+    "BACKENDS", "available_backends", "backends_for", "use_backend", "gae", "grpo_advantages", "kl",
+    "kl_penalized_rewards", "linear_logprobs", "logprobs", "masked_mean", "masked_whiten",
+    "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
+    "reinforce_pp_returns", "rloo_advantages",
+]

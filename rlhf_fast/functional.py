@@ -1,0 +1,263 @@
+"""The public ops: shapes and dtypes documented here once, inputs checked here, backend chosen by
+``rlhf_fast._backend.select`` (``backend=`` picks one explicitly: "reference", "cpu", "cuda", "triton").
+
+Every op is differentiable in its floating inputs; every backend is checked against
+``rlhf_fast.reference``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks as check
+from . import reference as ref
+from ._backend import register, select
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+# The reference implements every op; other backends register themselves on import.
+for _name in ("logprobs", "linear_logprobs", "kl", "gae", "reinforce_pp_returns", "grpo_advantages",
+              "rloo_advantages", "kl_penalized_rewards", "ppo_policy_loss", "ppo_value_loss",
+              "ppo_loss_from_logits"):
+    register(_name, "reference")(getattr(ref, _name))
+
+
+def _flat_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with unit column stride (copies only if the last dim is strided)."""
+    x = logits.reshape(-1, logits.shape[-1])
+    return x if x.stride(-1) == 1 or x.shape[0] == 0 else x.contiguous()
+
+
+def _check_logits_labels(logits, labels, temperature):
+    check.floating("logits", logits)
+    check.integer("labels", labels)
+    check.same_device("logits", logits, labels=labels)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    check.positive("temperature", temperature)
+
+
+def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend=None):
+    """Log-probability of each label under softmax(logits / T), and optionally the entropy.
+
+    logits [..., V] fp16/bf16/fp32/fp64, labels [...] integer in [0, V) or ``ignore_index``.
+    Returns logp [...] fp32 (fp64 for fp64 logits), and entropy [...] if ``return_entropy``.
+    Ignored positions give 0 and pass 0 gradient. Never materialises log_softmax on the fused
+    backends: they keep one logsumexp per row for the backward.
+    """
+    _check_logits_labels(logits, labels, temperature)
+    V = logits.shape[-1]
+    check.labels_in_range(labels, V, ignore_index)
+    impl = select("logprobs", logits.device, backend)
+    out = impl(_flat_logits(logits), labels.reshape(-1).long(), temperature, ignore_index, return_entropy)
+    if return_entropy:
+        return out[0].reshape(labels.shape), out[1].reshape(labels.shape)
+    return out.reshape(labels.shape)
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False, backend=None):
+    """logprobs(hidden @ weight.T + bias, labels) from the last hidden states and the lm_head.
+
+    hidden [N, H], weight [V, H], bias [V] or None, labels [N]; returns logp [N] fp32 (and entropy).
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        check.floating(name, t)
+        check.ndim(name, t, 2)
+    check.integer("labels", labels)
+    check.same_device("hidden", hidden, weight=weight, labels=labels, bias=bias)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[1] = {hidden.shape[1]}, got {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N] with N = hidden.shape[0] = {hidden.shape[0]}, got {tuple(labels.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check.positive("temperature", temperature)
+    check.labels_in_range(labels, weight.shape[0], ignore_index)
+    impl = select("linear_logprobs", hidden.device, backend)
+    return impl(hidden, weight, labels.long(), bias, temperature, ignore_index, return_entropy)
+
+
+def kl(logp, ref_logp, *, estimator="k3", clamp=None, backend=None):
+    """Per-token KL(π‖π_ref) estimate from the sampled tokens' log-probs; logp, ref_logp [...].
+
+    "k1" logp - ref, "k2" ½(logp - ref)², "k3" exp(ref - logp) - (ref - logp) - 1, "abs" |logp - ref|;
+    a "+" suffix ("k3+") keeps that value with k2's gradient (straight-through, unbiased gradient of KL).
+    ``clamp=c`` bounds the output to [-c, c].
+    """
+    check.floating("logp", logp)
+    check.floating("ref_logp", ref_logp)
+    check.same_shape("logp", logp, ref_logp=ref_logp)
+    check.same_device("logp", logp, ref_logp=ref_logp)
+    check.choice("estimator", estimator, KL_ESTIMATORS)
+    if clamp is not None:
+        check.positive("clamp", clamp)
+    return select("kl", logp.device, backend)(logp, ref_logp, estimator, clamp)
+
+
+def _check_bt(ref_name, ref_t, **others):
+    """Checks for [B, T] op inputs: same shape and device; masks may be any dtype."""
+    check.same_shape(ref_name, ref_t, **others)
+    check.same_device(ref_name, ref_t, **others)
+    for name, t in others.items():
+        if t is not None:
+            (check.mask if name.endswith("mask") else check.floating)(name, t)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, backend=None):
+    """Generalised advantage estimation with masked positions skipped.
+
+    rewards, values [B, T] float, mask [B, T] (nonzero = valid) -> advantages, returns [B, T].
+    Over the valid positions of a row, δ_t = r_t + γ·V_next - V_t (V past the last = 0) and
+    A_t = δ_t + γλ·A_next; masked positions get 0 and are stepped over (value and running advantage
+    carry across them), so right padding, left padding and holes all work. Math in fp32 (fp64 for
+    fp64 inputs); outputs in the dtype of ``values``.
+    """
+    check.floating("rewards", rewards)
+    check.ndim("rewards", rewards, 2)
+    _check_bt("rewards", rewards, values=values, mask=mask)
+    return select("gae", rewards.device, backend)(rewards, values, mask, gamma, lam)
+
+
+def reinforce_pp_returns(rewards, mask, *, gamma=1.0, backend=None):
+    """Discounted returns G_t = r_t + γ·G_next over valid positions; rewards, mask [B, T] -> [B, T]."""
+    check.floating("rewards", rewards)
+    check.ndim("rewards", rewards, 2)
+    _check_bt("rewards", rewards, mask=mask)
+    return select("reinforce_pp_returns", rewards.device, backend)(rewards, mask, gamma)
+
+
+def _check_groups(scores, group_size, minimum):
+    check.floating("scores", scores)
+    check.ndim("scores", scores, 1)
+    if not isinstance(group_size, int) or group_size < minimum or scores.shape[0] % group_size:
+        raise ValueError(f"group_size must be an int >= {minimum} dividing len(scores) = {scores.shape[0]}, "
+                         f"got {group_size!r}")
+
+
+def grpo_advantages(scores, group_size, *, normalize_std=True, backend=None):
+    """GRPO advantages (s - group mean) / (group std + 1e-6); scores [B] with consecutive groups -> [B]."""
+    _check_groups(scores, group_size, 2 if normalize_std else 1)
+    return select("grpo_advantages", scores.device, backend)(scores, group_size, normalize_std)
+
+
+def rloo_advantages(scores, group_size, *, backend=None):
+    """RLOO advantages s_i - mean of the other scores of its group; scores [B] -> [B]."""
+    _check_groups(scores, group_size, 2)
+    return select("rloo_advantages", scores.device, backend)(scores, group_size)
+
+
+def kl_penalized_rewards(score, logp, ref_logp, mask, *, beta, estimator="k1", backend=None):
+    """Per-token rewards: -β·kl(logp, ref_logp) on response tokens and ``score`` added on the last one.
+
+    score [B], logp / ref_logp / mask [B, T] -> rewards [B, T]. "Last" is the last position with
+    mask = 1 (as OpenRLHF and verl do; TRL puts it one past EOS). Rows without a valid token get 0.
+    """
+    check.floating("logp", logp)
+    check.ndim("logp", logp, 2)
+    _check_bt("logp", logp, ref_logp=ref_logp, mask=mask)
+    check.floating("score", score)
+    if score.shape != logp.shape[:1]:
+        raise ValueError(f"score must be [B] = [{logp.shape[0]}], got {tuple(score.shape)}")
+    check.choice("estimator", estimator, KL_ESTIMATORS)
+    return select("kl_penalized_rewards", logp.device, backend)(score, logp, ref_logp, mask, beta, estimator)
+
+
+def masked_mean(x, mask, dim=None):
+    """Σ x·mask / Σ mask over ``dim`` (all dims if None); 0 where the mask is empty. x, mask same shape."""
+    check.floating("x", x)
+    check.mask("mask", mask)
+    check.same_shape("x", x, mask=mask)
+    return ref.masked_mean(x, mask, dim)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - μ)·rsqrt(var + 1e-8) with μ and the unbiased var over the masked elements of x.
+
+    x, mask of one shape; ``shift_mean=False`` adds μ back. Needs at least two unmasked elements.
+    """
+    check.floating("x", x)
+    check.mask("mask", mask)
+    check.same_shape("x", x, mask=mask)
+    check.at_least_two("mask", mask)
+    return ref.masked_whiten(x, mask, shift_mean)
+
+
+def _check_agg(agg, t):
+    check.choice("agg", agg, AGG_MODES)
+    if agg != "token-mean" and t.dim() != 2:
+        raise ValueError(f"agg={agg!r} needs [B, T] inputs, got shape {tuple(t.shape)}")
+
+
+def _check_clip(name, v, allow_none=False):
+    if v is None and allow_none:
+        return
+    if not isinstance(v, (int, float)) or v < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", backend=None):
+    """PPO clipped policy loss. logp, old_logp, advantages, mask [B, T] (or any one shape for token-mean).
+
+    Per token max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(clamp(logp - old_logp, ±20));
+    clip_high defaults to clip_low (set it higher for "clip-higher"); dual_clip=c (> 1) caps tokens
+    with A < 0 at -A·c. Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac).
+    """
+    check.floating("logp", logp)
+    _check_bt("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    _check_agg(agg, logp)
+    _check_clip("clip_low", clip_low)
+    _check_clip("clip_high", clip_high, allow_none=True)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip must be a number > 1, got {dual_clip!r}")
+    return select("ppo_policy_loss", logp.device, backend)(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+
+
+def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", backend=None):
+    """Clipped value loss ½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated.
+
+    values, old_values, returns, mask [B, T]; clip=None: plain ½(v - R)². Returns (loss, stats: vf_clipfrac).
+    """
+    check.floating("values", values)
+    _check_bt("values", values, old_values=old_values, returns=returns, mask=mask)
+    _check_agg(agg, values)
+    _check_clip("clip", clip, allow_none=True)
+    return select("ppo_value_loss", values.device, backend)(values, old_values, returns, mask, clip, agg)
+
+
+def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
+    """Bradley-Terry reward-model loss mean(-log σ(s_w - s_l - margin)); scores [B], margin float or [B]."""
+    check.floating("chosen_scores", chosen_scores)
+    check.floating("rejected_scores", rejected_scores)
+    check.same_shape("chosen_scores", chosen_scores, rejected_scores=rejected_scores)
+    check.same_device("chosen_scores", chosen_scores, rejected_scores=rejected_scores, margin=margin)
+    if chosen_scores.numel() == 0:
+        raise ValueError("pairwise_reward_loss needs at least one pair")
+    return ref.pairwise_reward_loss(chosen_scores, rejected_scores, margin)
+
+
+def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
+                         kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                         dual_clip=None, agg="token-mean", backend=None):
+    """The PPO policy loss straight from the logits, with KL and entropy terms.
+
+    logits [B, T, V], labels [B, T] (masked positions may hold anything in [0, V) or -100),
+    old_logp, advantages, mask, ref_logp [B, T]. loss = pg_loss + kl_coef·agg(kl) - entropy_coef·agg(H).
+    Returns (loss, stats: pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl if ref_logp given).
+    """
+    _check_logits_labels(logits, labels, temperature)
+    check.floating("old_logp", old_logp)
+    _check_bt("old_logp", old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+    if old_logp.shape != labels.shape:
+        raise ValueError(f"old_logp must have the shape of labels {tuple(labels.shape)}, got {tuple(old_logp.shape)}")
+    _check_agg(agg, old_logp)
+    check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check.labels_in_range(labels, logits.shape[-1], -100)
+    return select("ppo_loss_from_logits", logits.device, backend)(
+        logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
+        temperature, clip_low, clip_high, dual_clip, agg)

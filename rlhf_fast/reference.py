@@ -1,0 +1,255 @@
+"""Every rlhf_fast op in short, readable PyTorch: the source of truth.
+
+Tests check each backend against these functions run in float64; benchmarks time them as the
+baseline. They take the shapes documented in ``rlhf_fast.functional`` and do no input checking
+(the public functions do). Math runs in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# ----------------------------------------------------------------------------- log-probs
+def logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log_softmax(logits / T)[label] and the entropy of softmax(logits / T); 0 where ignored."""
+    z = _acc(logits) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0).long()
+    logp = torch.where(valid, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+    if not return_entropy:
+        return logp
+    p = logp_all.exp()
+    # p·log p is 0 where p is 0 (also for -inf logits, where log p is -inf)
+    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+    return logp, torch.where(valid, entropy, 0.0)
+
+
+def linear_logprobs(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False):
+    """logprobs(hidden @ weight.T + bias, labels), materialising the logits."""
+    logits = _acc(hidden) @ _acc(weight).T
+    if bias is not None:
+        logits = logits + _acc(bias)
+    return logprobs(logits, labels, temperature, ignore_index, return_entropy)
+
+
+# ----------------------------------------------------------------------------- KL
+def kl(logp, ref_logp, estimator="k3", clamp=None):
+    """Per-token KL(π‖π_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3)."""
+    plus = estimator.endswith("+")
+    name = estimator.rstrip("+")
+    d = _acc(logp) - _acc(ref_logp)
+    if name == "k1":
+        out = d
+    elif name == "k2":
+        out = 0.5 * d * d
+    elif name == "k3":
+        out = torch.expm1(-d) + d  # exp(ref - logp) - (ref - logp) - 1, without cancellation
+    elif name == "abs":
+        out = d.abs()
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}")
+    if plus:  # this estimator's value, k2's gradient (straight-through)
+        k2 = 0.5 * d * d
+        out = k2 + (out - k2).detach()
+    if clamp is not None:
+        out = out.clamp(-clamp, clamp)
+    return out
+
+
+# ----------------------------------------------------------------------------- masked reductions
+def masked_sum(x, mask, dim=None):
+    m = mask.to(x.dtype)
+    return (x * m).sum() if dim is None else (x * m).sum(dim)
+
+
+def masked_mean(x, mask, dim=None):
+    """Σ x·m / Σ m; 0 where Σ m is 0."""
+    m = mask.to(x.dtype)
+    num = masked_sum(x, m, dim)
+    den = m.sum() if dim is None else m.sum(dim)
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - μ)·rsqrt(var + 1e-8) over the masked elements (unbiased var); μ added back if not shift_mean."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def aggregate(loss, mask, agg="token-mean"):
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    token-mean           Σ loss·m / Σ m over the whole batch
+    seq-mean-token-sum   mean over sequences with any token of Σ_t loss·m
+    seq-mean-token-mean  mean over sequences with any token of (Σ_t loss·m / Σ_t m)
+    """
+    m = mask.to(loss.dtype)
+    if agg == "token-mean":
+        return masked_mean(loss, m)
+    per_seq = (loss * m).sum(-1)
+    n_tok = m.sum(-1)
+    if agg == "seq-mean-token-mean":
+        per_seq = per_seq / n_tok.clamp(min=1)
+    elif agg != "seq-mean-token-sum":
+        raise ValueError(f"unknown agg {agg!r}")
+    return masked_mean(per_seq, n_tok > 0)
+
+
+# ----------------------------------------------------------------------------- advantages
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation [B, T] -> (advantages, returns), masked positions skipped.
+
+    Over the valid positions t_1 < ... < t_k of a row: δ_i = r_i + γ·V_{i+1} - V_i (V_{k+1} = 0),
+    A_i = δ_i + γλ·A_{i+1}, R_i = A_i + V_i. Masked positions get A = R = 0 and do not break the
+    recursion, so right padding, left padding and holes (multi-turn) are all handled.
+    """
+    out_dtype = values.dtype
+    rewards, values = _acc(rewards), _acc(values)
+    B, T = rewards.shape
+    valid = mask.bool()
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    adv = [None] * T
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * running
+        running = torch.where(valid[:, t], a, running)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        adv[t] = torch.where(valid[:, t], a, 0.0)
+    advantages = torch.stack(adv, dim=1) if T else torch.zeros_like(values)
+    returns = torch.where(valid, advantages + values, 0.0)
+    return advantages.to(out_dtype), returns.to(out_dtype)
+
+
+def gae_python_loop(rewards, values, gamma=1.0, lam=0.95):
+    """GAE as TRL / verl / OpenRLHF write it (right padding only): the baseline for benchmarks."""
+    T = rewards.shape[-1]
+    lastgaelam = 0
+    out = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        out.append(lastgaelam)
+    advantages = torch.stack(out[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def reinforce_pp_returns(rewards, mask, gamma=1.0):
+    """Discounted returns G_t = r_t + γ·G_{t+1} over valid positions (REINFORCE++), 0 where masked."""
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    return advantages
+
+
+def grpo_advantages(scores, group_size, normalize_std=True, eps=1e-6):
+    """GRPO: (s - mean_group) / (std_group + eps) for scores [B] laid out as [B / group_size, group_size]."""
+    s = _acc(scores).reshape(-1, group_size)
+    adv = s - s.mean(-1, keepdim=True)
+    if normalize_std:
+        adv = adv / (s.std(-1, keepdim=True) + eps)
+    return adv.reshape(scores.shape)
+
+
+def rloo_advantages(scores, group_size):
+    """RLOO: s_i minus the mean of the other group_size - 1 scores of its group."""
+    s = _acc(scores).reshape(-1, group_size)
+    baseline = (s.sum(-1, keepdim=True) - s) / (group_size - 1)
+    return (s - baseline).reshape(scores.shape)
+
+
+def kl_penalized_rewards(score, logp, ref_logp, mask, beta, estimator="k1"):
+    """-β·kl on every response token and the sequence score added on the last one (mask = 1).
+
+    score [B], logp / ref_logp / mask [B, T] -> rewards [B, T]. Rows with no valid token drop the score.
+    """
+    valid = mask.bool()
+    rewards = torch.where(valid, -beta * kl(logp, ref_logp, estimator), 0.0)
+    T = mask.shape[-1]
+    pos = torch.arange(T, device=mask.device)
+    last = torch.where(valid, pos, -1).amax(-1)  # last valid position per row, -1 if none
+    is_last = (pos == last.unsqueeze(-1)) & valid
+    return rewards + is_last.to(rewards.dtype) * _acc(score).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- losses
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean"):
+    """PPO clipped surrogate: per token max(-A·r, -A·clip(r, 1-clip_low, 1+clip_high)), aggregated.
+
+    r = exp(clamp(logp - old_logp, ±20)); dual_clip=c caps tokens with A < 0 at -A·c.
+    Returns (loss, stats) with stats clipfrac, approx_kl (k1 of old to new), dual_clipfrac.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    logp, old_logp, advantages = _acc(logp), _acc(old_logp), _acc(advantages)
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        dual = (advantages < 0) & (pg > cap)
+        pg = torch.where(advantages < 0, torch.minimum(pg, cap), pg)
+    loss = aggregate(pg, mask, agg)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg2 > pg1).to(pg.dtype), mask),
+            "approx_kl": masked_mean(-log_ratio, mask),
+            "dual_clipfrac": masked_mean(dual.to(pg.dtype), mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"):
+    """½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated; clip=None: unclipped."""
+    values, old_values, returns = _acc(values), _acc(old_values), _acc(returns)
+    l1 = (values - returns) ** 2
+    if clip is None:
+        vl = 0.5 * l1
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+        l2 = (v_clipped - returns) ** 2
+        vl = 0.5 * torch.maximum(l1, l2)
+        with torch.no_grad():
+            clipfrac = masked_mean((l2 > l1).to(values.dtype), mask)
+    return aggregate(vl, mask, agg), {"vf_clipfrac": clipfrac}
+
+
+def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
+    """Bradley-Terry loss mean(-log σ(s_w - s_l - margin)) over pairs [B]."""
+    d = _acc(chosen_scores) - _acc(rejected_scores)
+    if margin is not None:
+        d = d - margin
+    return -F.logsigmoid(d).mean()
+
+
+def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=None, kl_coef=0.0,
+                         kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2,
+                         clip_high=None, dual_clip=None, agg="token-mean"):
+    """pg_loss + kl_coef·agg(kl(logp, ref)) - entropy_coef·agg(entropy), from logits [B, T, V]."""
+    logp, entropy = logprobs(logits, labels, temperature, ignore_index=-100, return_entropy=True)
+    loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    stats["pg_loss"] = loss.detach()
+    ent = aggregate(entropy, mask, agg)
+    stats["entropy"] = ent.detach()
+    if entropy_coef:
+        loss = loss - entropy_coef * ent
+    if ref_logp is not None:
+        k = aggregate(kl(logp, ref_logp, kl_estimator), mask, agg)
+        stats["kl"] = k.detach()
+        if kl_coef:
+            loss = loss + kl_coef * k
+    return loss, stats

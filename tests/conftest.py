@@ -1,0 +1,14 @@
+import os
+
+# Triton kernels run on CPU tensors under the interpreter; must be set before any @triton.jit runs.
+if not os.environ.get("RLHF_FAST_TEST_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh random inputs per test, reproducible from the test id
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
