@@ -37,7 +37,7 @@ def _extensions():
     csrc = os.path.join(ROOT, "csrc")
     # setuptools wants source paths relative to setup.py; include dirs absolute
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(csrc, "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     kwargs = dict(name="rlhf_fast._C", sources=sources, include_dirs=[csrc],
                   extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if with_cuda:

@@ -100,13 +100,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
 
 // One row of the backward: grad_x = a·(onehot - p) - b·p·(z - lse + H), with a = g_lp/T, b = g_ent/T.
 template <typename scalar_t, typename acc_t>
-RLHF_FAST_SIMD_CLONES void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t a, acc_t b, acc_t lse,
-              acc_t h, acc_t inv_t) {
+RLHF_FAST_SIMD_CLONES void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t a, acc_t b,
+                                    acc_t lse, acc_t h, acc_t inv_t) {
+  // chunked through a buffer of the math type so the exp loop vectorises whatever scalar_t is
+  acc_t buf[kChunk], grad[kChunk];
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
 #pragma omp simd
-  for (int64_t i = 0; i < V; ++i) {
-    const acc_t w = static_cast<acc_t>(row[i]) * inv_t - lse;
-    const acc_t p = exp_nonpos(w);
-    out[i] = static_cast<scalar_t>(-a * p - b * p * (clamp_low(w) + h));
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(row[c0 + i]) * inv_t - lse;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t w = buf[i];
+      const acc_t p = exp_nonpos(w);
+      grad[i] = -p * (a + b * (clamp_low(w) + h));
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[c0 + i] = static_cast<scalar_t>(grad[i]);
   }
   // the label's entry, recomputed so that half outputs are rounded once
   const acc_t w = static_cast<acc_t>(row[label]) * inv_t - lse, p = exp_nonpos(w);
