@@ -89,7 +89,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 dst[i:j] = src
             del logits, out
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-        ctx.acc, ctx.inv_t, ctx.ignore_index, ctx.kernels, ctx.chunk_rows = acc, inv_t, ignore_index, kernels, chunk_rows
+        ctx.acc, ctx.inv_t, ctx.ignore_index = acc, inv_t, ignore_index
+        ctx.kernels, ctx.chunk_rows = kernels, chunk_rows
         ctx.set_materialize_grads(False)
         return logp, ent
 

@@ -109,7 +109,7 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: fl
     """logits [N, V] (unit column stride), labels [N] int64 -> logp, entropy, lse [N] (fp32; fp64 for fp64).
 
     Same contract as torch.ops.rlhf_fast.logprobs_fwd: ignored rows give 0, 0, 0."""
-    assert logits.dim() == 2 and (logits.stride(1) == 1 or logits.shape[0] == 0), "logits must be [N, V], unit column stride"
+    assert logits.dim() == 2 and (logits.stride(1) == 1 or logits.shape[0] == 0), "logits: [N, V], unit column stride"
     N, V = logits.shape
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp, ent, lse = (torch.empty(N, dtype=dt, device=logits.device) for _ in range(3))
