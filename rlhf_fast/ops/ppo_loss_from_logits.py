@@ -5,7 +5,8 @@ BLOCK_V chunks, so any V fits without spilling), giving logp and entropy, then c
 policy loss, the KL estimate and the aggregation weight in registers. Per token it writes the loss
 terms (a [N, 8] buffer that torch sums: deterministic) and the scalars the backward needs:
 g_lp = d loss / d logp, g_ent = d loss / d entropy (both already scaled by the aggregation
-weight), lse and entropy. No [N, V] tensor is allocated in the forward.
+weight), the raw row max m and log_s = log Σ exp((x - m)/T) (lse = m/T + log_s
+kept in two parts, for huge logits), and the entropy. No [N, V] tensor is allocated in the forward.
 
 Backward: one more read of the logits and one write of grad_logits (recomputing p = exp(z - lse)):
   grad_z = G·(g_lp·(onehot - p) - g_ent·p·(z - lse + H)),   grad_x = grad_z / temperature,
@@ -37,28 +38,29 @@ def _fwd_kernel(x_ptr, stride_x, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scal
     row = x_ptr + n * stride_x
     it = tl.full([], inv_t, ACC)
     cols = tl.arange(0, BLOCK_V)
+    # the max is taken over the raw logits x (temperature > 0 commutes with it) and z - max formed as
+    # (x - max)·(1/T): exact subtraction first, so huge logits lose nothing to the temperature product
     m = tl.full([], float("-inf"), ACC)
-    s = tl.zeros([], ACC)  # Σ exp(z - m)
-    t = tl.zeros([], ACC)  # Σ exp(z - m)·(z - m)
+    s = tl.zeros([], ACC)  # Σ exp(z - m/T)
+    t = tl.zeros([], ACC)  # Σ exp(z - m/T)·(z - m/T)
     for start in range(0, V, BLOCK_V):
         c = start + cols
-        z = tl.load(row + c, mask=c < V, other=float("-inf")).to(ACC) * it
-        m_new = tl.maximum(m, tl.max(z, 0))
-        fin = z > float("-inf")
-        zm = tl.where(fin, z - m_new, 0.0)
+        x = tl.load(row + c, mask=c < V, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        fin = x > float("-inf")
+        zm = tl.where(fin, (x - m_new) * it, 0.0)
         e = tl.where(fin, tl.exp(zm), 0.0)
         # rescale the running sums to the new max (nothing to rescale while they are empty)
-        shift = tl.where(s > 0, m - m_new, 0.0)
+        shift = tl.where(s > 0, (m - m_new) * it, 0.0)
         alpha = tl.exp(shift)
         t = alpha * (t + shift * s) + tl.sum(e * zm, 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
     label = tl.load(lab_ptr + n)
     ignored = label == -100
-    z_lab = tl.load(row + tl.where(ignored, 0, label)).to(ACC) * it
-    logp = tl.where(ignored, 0.0, (z_lab - m) - log_s)
+    x_lab = tl.load(row + tl.where(ignored, 0, label)).to(ACC)
+    logp = tl.where(ignored, 0.0, (x_lab - m) * it - log_s)
     ent = tl.where(ignored, 0.0, log_s - t / s)
 
     old = tl.load(old_ptr + n).to(ACC)
@@ -87,7 +89,8 @@ def _fwd_kernel(x_ptr, stride_x, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scal
     gr = grads_ptr + n * 8
     tl.store(gr + 0, tl.where(ignored, 0.0, g_lp))  # an ignored label's logp is the constant 0
     tl.store(gr + 1, tl.where(ignored, 0.0, g_ent))
-    tl.store(gr + 2, lse)
+    tl.store(gr + 2, m)  # lse = m/T + log_s, kept apart: (x - m)/T - log_s is accurate for huge x
+    tl.store(gr + 7, log_s)
     tl.store(gr + 3, ent)
     tl.store(gr + 4, -w * d_lp)  # d old_logp
     tl.store(gr + 5, w * d_adv)
@@ -104,16 +107,17 @@ def _bwd_kernel(x_ptr, stride_x, lab_ptr, grads_ptr, G_ptr, dx_ptr, stride_dx, V
     gr = grads_ptr + n * 8
     g_lp = G * tl.load(gr + 0)
     g_ent = G * tl.load(gr + 1)
-    lse = tl.load(gr + 2)
+    m = tl.load(gr + 2)
+    log_s = tl.load(gr + 7)
     ent = tl.load(gr + 3)
     label = tl.load(lab_ptr + n)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         inb = c < V
-        z = tl.load(row + c, mask=inb, other=float("-inf")).to(ACC) * it
-        fin = z > float("-inf")
-        zl = tl.where(fin, z - lse, 0.0)
+        x = tl.load(row + c, mask=inb, other=float("-inf")).to(ACC)
+        fin = x > float("-inf")
+        zl = tl.where(fin, (x - m) * it - log_s, 0.0)  # log p
         p = tl.where(fin, tl.exp(zl), 0.0)
         onehot = (c == label).to(ACC)
         gz = g_lp * (onehot - p) - g_ent * p * (zl + ent)
