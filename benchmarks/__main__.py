@@ -39,6 +39,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-budget", type=float, help="seconds for the whole run; later cases are recorded as skipped")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the records already in OUT/results.json (those measured again are replaced)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--replot", metavar="DIR", help="rewrite results.md and the plots from DIR/results.json")
     ap.add_argument("--list", action="store_true", help="list the ops and their cases, then exit")
@@ -71,10 +73,18 @@ def main(argv=None) -> int:
         peers = ["python-loop", "trl", "liger", "flash-attn"]  # torch.compile costs minutes of compiling on 2 cores
     cuda = device.startswith("cuda")
     opts = H.Options(device=device, preset=preset, ops=ops, dtypes=_csv(args.dtypes), backends=_csv(args.backends),
-                     peers=peers, phases=tuple(_csv(args.phases)), budget_s=args.budget or (1.0 if cuda else 0.2),
+                     peers=peers, phases=tuple(_csv(args.phases)), budget_s=args.budget if args.budget is not None else (1.0 if cuda else 0.2),
                      min_reps=args.min_reps, max_reps=args.max_reps, time_budget_s=args.time_budget)
     out_dir = args.out or os.path.join(H.REPO, "benchmarks", "results", H.device_slug(device))
     result: dict = {}
+    old = []
+    if args.append and os.path.exists(os.path.join(out_dir, "results.json")):
+        old = H.load(os.path.join(out_dir, "results.json"))["records"]
+
+    def merged() -> dict:
+        key = lambda r: (r["op"], r["impl"], r["case"], r["dtype"])  # noqa: E731
+        new = {key(r) for r in result["records"]}
+        return {"meta": result["meta"], "records": [r for r in old if key(r) not in new] + result["records"]}
 
     def on_term(signum, frame):  # `timeout` sends SIGTERM: stop, keep what was measured
         raise KeyboardInterrupt(f"signal {signum}")
@@ -83,7 +93,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     status = 0
     try:
-        H.run(benches, opts, on_record=lambda r: H.write(result, out_dir, plots=False), result=result)
+        H.run(benches, opts, on_record=lambda r: H.write(merged(), out_dir, plots=False), result=result)
     except KeyboardInterrupt as e:
         print(f"interrupted ({e}): writing the results measured so far", file=sys.stderr)
         status = 130
@@ -92,6 +102,7 @@ def main(argv=None) -> int:
     result["meta"]["options"] = H.as_dict(opts)
     result["meta"]["interrupted"] = status != 0
     result["meta"]["wall_s"] = time.perf_counter() - t0
+    result = merged()
     written = H.write(result, out_dir, plots=not args.no_plots)
     print(f"wrote {out_dir} ({len(result['records'])} records, {result['meta']['wall_s']:.0f} s): "
           f"{', '.join(os.path.basename(p) for v in written.values() for p in (v if isinstance(v, list) else [v]))}")

@@ -41,7 +41,7 @@ BENCHES = [Bench(
     op="linear_logprobs",
     sizes={"tiny": [dict(N=32, H=64, V=512)],
            "cpu": [dict(N=128, H=256, V=8192), dict(N=512, H=256, V=8192)],
-           "gpu": [dict(N=4096, H=4096, V=151936), dict(N=16384, H=4096, V=151936)]},
+           "gpu": [dict(N=16384, H=4096, V=151936), dict(N=4096, H=4096, V=151936)]},
     dtypes={"cpu": ["float32"], "cuda": ["bfloat16"]},
     make_inputs=make_inputs,
     args=lambda i: (i["hidden"], i["weight"], i["labels"], None, 1.0, -100, False),

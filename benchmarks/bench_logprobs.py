@@ -54,7 +54,7 @@ BENCHES = [Bench(
     op="logprobs",
     sizes={"tiny": [dict(N=64, V=1000)],
            "cpu": [dict(N=128, V=32000), dict(N=512, V=32000)],
-           "gpu": [dict(N=2048, V=151936), dict(N=8192, V=151936)]},
+           "gpu": [dict(N=8192, V=151936), dict(N=2048, V=151936)]},
     dtypes={"cpu": ["float32"], "cuda": ["bfloat16"]},
     make_inputs=make_inputs,
     args=lambda i: (i["logits"], i["labels"], 1.0, -100, False),

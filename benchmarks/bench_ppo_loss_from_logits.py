@@ -32,7 +32,7 @@ BENCHES = [Bench(
     op="ppo_loss_from_logits",
     sizes={"tiny": [dict(B=2, T=16, V=1000)],
            "cpu": [dict(B=1, T=128, V=32000), dict(B=2, T=256, V=32000)],
-           "gpu": [dict(B=1, T=2048, V=151936), dict(B=4, T=2048, V=151936)]},
+           "gpu": [dict(B=4, T=2048, V=151936), dict(B=1, T=2048, V=151936)]},
     dtypes={"cpu": ["float32"], "cuda": ["bfloat16"]},
     make_inputs=make_inputs,
     # kl_coef=0.05 (k3), entropy_coef=0.01, clip 0.2/0.28, dual clip 3, token-mean

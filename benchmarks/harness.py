@@ -291,7 +291,7 @@ class Options:
     log: Callable[[str], None] = print
 
 
-def _grads_for(outs: list[torch.Tensor], cache: dict) -> list[torch.Tensor | None]:
+def grads_for(outs: list[torch.Tensor], cache: dict) -> list[torch.Tensor | None]:
     """The upstream gradient for each output: None for scalars, a fixed random tensor otherwise."""
     grads = []
     for o in outs:
@@ -361,7 +361,7 @@ def _run_impl(bench, impl, inputs, rec, timer, memory, opts, grad_cache, ref_pri
 
     def backward(out):
         outs = bench.outputs(out)
-        torch.autograd.backward(outs, _grads_for(outs, grad_cache))
+        torch.autograd.backward(outs, grads_for(outs, grad_cache))
 
     def full():
         zero()
@@ -453,9 +453,9 @@ def run(benches: list[Bench], opts: Options, on_record: Callable[[dict], None] =
     records: list[dict] = result["records"]
     grad_cache: dict = {}
     dev_type = "cuda" if cuda else "cpu"
+    if opts.ops is not None:  # in the order asked for: the most important first, in case time runs out
+        benches = sorted((b for b in benches if b.op in opts.ops), key=lambda b: opts.ops.index(b.op))
     for bench in benches:
-        if opts.ops is not None and bench.op not in opts.ops:
-            continue
         dtypes = opts.dtypes or bench.dtypes[dev_type]
         impls = impls_for(bench, opts)
         for dname in dtypes:
