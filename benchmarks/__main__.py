@@ -68,12 +68,15 @@ def main(argv=None) -> int:
     unknown = set(ops or ()) - {b.op for b in benches}
     if unknown:
         raise SystemExit(f"unknown ops {sorted(unknown)}; see --list")
-    peers = _csv(args.peers)
-    if peers is None and args.cpu:
-        peers = ["python-loop", "trl", "liger", "flash-attn"]  # torch.compile costs minutes of compiling on 2 cores
+    peers, peer_notes = _csv(args.peers), {}
+    if peers is None and args.cpu:  # torch.compile costs minutes of compiling on a small CPU
+        peers = ["python-loop", "trl", "liger", "flash-attn"]
+        peer_notes = {"torch.compile": "left out in --cpu mode (minutes of compiling on a small CPU); "
+                                       "add --peers torch.compile"}
     cuda = device.startswith("cuda")
     opts = H.Options(device=device, preset=preset, ops=ops, dtypes=_csv(args.dtypes), backends=_csv(args.backends),
-                     peers=peers, phases=tuple(_csv(args.phases)), budget_s=args.budget if args.budget is not None else (1.0 if cuda else 0.2),
+                     peers=peers, peer_notes=peer_notes, phases=tuple(_csv(args.phases)),
+                     budget_s=args.budget if args.budget is not None else (1.0 if cuda else 0.2),
                      min_reps=args.min_reps, max_reps=args.max_reps, time_budget_s=args.time_budget)
     out_dir = args.out or os.path.join(H.REPO, "benchmarks", "results", H.device_slug(device))
     result: dict = {}

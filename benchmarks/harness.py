@@ -183,16 +183,17 @@ class Timer:
     def __init__(self, device: str, budget_s: float, min_reps: int, max_reps: int):
         self.device, self.budget_s, self.min_reps, self.max_reps = device, budget_s, min_reps, max_reps
         self.cuda = device.startswith("cuda")
-        # flushing L2 between repetitions: small ops would otherwise read their inputs from cache
-        self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if self.cuda else None
+        # the caches are flushed before each repetition (L2 on a GPU, the last-level cache on a CPU):
+        # small ops would otherwise read their inputs from cache and beat the DRAM copy bandwidth
+        self._flush = torch.empty((256 if self.cuda else 64) * 2**20, dtype=torch.int8, device=device)
 
     def __call__(self, fn: Callable[[Any], Any], before: Callable[[], Any] = lambda: None) -> list[float]:
         times: list[float] = []
         t0 = time.perf_counter()
         while len(times) < self.max_reps and (len(times) < self.min_reps or time.perf_counter() - t0 < self.budget_s):
             state = before()
+            self._flush.zero_()
             if self.cuda:
-                self._flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn(state)
@@ -271,7 +272,7 @@ class Memory:
         out = fn()
         peak = self._status()["VmHWM"]
         del out
-        return peak, peak - before
+        return peak, max(0, peak - before)
 
 
 # ----------------------------------------------------------------------------- running
@@ -283,6 +284,7 @@ class Options:
     dtypes: list[str] | None = None
     backends: list[str] | None = None  # None: every registered backend for the device
     peers: list[str] | None = None  # None: every peer
+    peer_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # peers left out, recorded with why
     phases: tuple[str, ...] = PHASES
     budget_s: float = 0.3  # per phase and case
     min_reps: int = 3
@@ -326,10 +328,12 @@ def impls_for(bench: Bench, opts: Options) -> list[Impl]:
             if b not in rf.backends_for(bench.op, dev):
                 why = rf.why_unavailable(b) or f"{bench.op} has no {b!r} backend on {dev.type}"
                 out.append(Impl(b, "backend", None, why))
-    if opts.peers is None or opts.peers:
+    if opts.peers is None or opts.peers or opts.peer_notes:
         for p in bench.peers(bench, opts.device):
             if opts.peers is None or p.name in opts.peers:
                 out.append(p)
+            elif p.name in opts.peer_notes:
+                out.append(Impl(p.name, "peer", None, p.note if p.fn is None else opts.peer_notes[p.name]))
     return out
 
 
@@ -540,7 +544,10 @@ def markdown(result: dict) -> str:
         f"# rlhf_fast benchmarks — {meta['device_name']}",
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, commit {meta['git_commit']}, "
-        f"{meta['date']}. Measured copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s.",
+        f"{meta['date']}. Measured copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s."
+        + (f" CPU threads {meta['cpu_threads']}, load average at start "
+           f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} (a shared machine: CPU timings are noisy)."
+           if meta["device"] == "cpu" and meta.get("load_average") else ""),
         "",
         "Times are medians (ms); × ref = reference time / this time for the full step (fwd+bwd, or fwd for "
         "forward-only ops) in the same run; extra memory = peak above the inputs during fwd+bwd; "
@@ -550,10 +557,10 @@ def markdown(result: dict) -> str:
         MD_HEADER,
         "|" + "---|" * 10,
     ]
-    skipped = []
+    skipped: dict[tuple, list[str]] = {}  # (op, impl, status, note) -> cases
     for r in result["records"]:
         if r["status"] != "ok":
-            skipped.append(f"- {r['op']} {r['case']} {r['dtype']} **{r['impl']}**: {r['status']} — {r['note']}")
+            skipped.setdefault((r["op"], r["impl"], r["status"], r["note"]), []).append(f"{r['case']} {r['dtype']}")
             continue
         sp = r["speedup_vs_reference"][_main_phase(r)]
         mem = r["mem_extra_bytes"]["full"] if r["mem_extra_bytes"]["full"] is not None else r["mem_extra_bytes"]["fwd"]
@@ -564,7 +571,8 @@ def markdown(result: dict) -> str:
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     if skipped:
-        lines += ["", "Not measured:"] + skipped
+        lines += ["", "Not measured:"] + [f"- {op} **{impl}** ({'; '.join(cases)}): {status} — {note}"
+                                          for (op, impl, status, note), cases in skipped.items()]
     mem_notes = sorted({r["mem_note"] for r in result["records"] if r["mem_note"]})
     lines += [""] + [f"Memory: {n}" for n in mem_notes]
     return "\n".join(lines) + "\n"
@@ -589,13 +597,13 @@ def plot(result: dict, out_dir: str) -> list[str]:
         for ax_pair in (axes, axes_grid[row]):
             _plot_op(ax_pair, op, recs)
         fig.suptitle(f"{op} — {meta['device_name']} — torch {meta['torch']}", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
         path = os.path.join(out_dir, f"{op}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     grid.suptitle(f"rlhf_fast — {meta['device_name']}", fontsize=10)
-    grid.tight_layout()
+    grid.tight_layout(rect=(0, 0, 1, 1 - 0.3 / max(1, len(by_op))))
     path = os.path.join(out_dir, "summary.png")
     grid.savefig(path, dpi=70)
     plt.close(grid)
@@ -616,9 +624,9 @@ def _plot_op(axes, op: str, recs: list[dict]):
         m = [(r["mem_extra_bytes"][phase] or 0) / 2**20 if r["mem_extra_bytes"][phase] is not None else float("nan")
              for r in rs]
         label = f"{impl} ({dtype})"
-        axes[0].plot(xs, t, marker="o", label=label)
-        axes[0].fill_between(xs, lo, hi, alpha=0.2)
-        axes[1].plot(xs, m, marker="o", label=label)
+        (line,) = axes[0].plot(xs, t, marker="o", label=label)
+        axes[0].fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())  # 20-80 % quantiles
+        axes[1].plot(xs, m, marker="o", label=label, color=line.get_color())
     xl = recs[0]["size_label"]
     for ax, yl in zip(axes, (f"{phase} time, median ms", f"extra memory ({phase}), MiB")):
         ax.set_xscale("log")
