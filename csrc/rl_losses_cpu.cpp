@@ -88,13 +88,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ppo_policy_loss_fwd_cpu", [&] {
     using T = scalar_t;
     const T *plp = lp.data_ptr<T>(), *pold = old.data_ptr<T>(), *padv = adv.data_ptr<T>();
-    const bool* mb = m.scalar_type() == at::kBool ? m.data_ptr<bool>() : nullptr;
-    const T* mw = mb ? nullptr : m.data_ptr<T>();
+    const bool is_bool = m.scalar_type() == at::kBool;  // (data_ptr is null for empty tensors)
+    const bool* mb = is_bool ? m.data_ptr<bool>() : nullptr;
+    const T* mw = is_bool ? nullptr : m.data_ptr<T>();
     T *pg = g_lp.data_ptr<T>(), *pga = g_adv.data_ptr<T>();
     const T lo = cfg.lo, hi = cfg.hi, dc = cfg.dual;
     std::tie(loss, stats) = segmented_loss<T>(
         agg, lp.numel(), seg_len, nseg, pg, pga, lp.options(), 3, [&](int64_t i, double* acc) {
-          const T w = mb ? T(mb[i]) : mw[i];
+          const T w = is_bool ? T(mb[i]) : mw[i];
           const PolicyToken<T> t = policy_token<T>(plp[i], pold[i], padv[i], lo, hi, cfg.has_dual, dc);
           pg[i] = w * t.d_logp;
           pga[i] = w * t.d_adv;
@@ -123,13 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ppo_value_loss_fwd_cpu", [&] {
     using T = scalar_t;
     const T *pv = v.data_ptr<T>(), *pold = old.data_ptr<T>(), *pret = ret.data_ptr<T>();
-    const bool* mb = m.scalar_type() == at::kBool ? m.data_ptr<bool>() : nullptr;
-    const T* mw = mb ? nullptr : m.data_ptr<T>();
+    const bool is_bool = m.scalar_type() == at::kBool;  // (data_ptr is null for empty tensors)
+    const bool* mb = is_bool ? m.data_ptr<bool>() : nullptr;
+    const T* mw = is_bool ? nullptr : m.data_ptr<T>();
     T *pgv = g_v.data_ptr<T>(), *pgo = g_old.data_ptr<T>();
     const T c = static_cast<T>(clip.value_or(0.0));
     std::tie(loss, stats) = segmented_loss<T>(
         agg, v.numel(), seg_len, nseg, pgv, pgo, v.options(), 1, [&](int64_t i, double* acc) {
-          const T w = mb ? T(mb[i]) : mw[i];
+          const T w = is_bool ? T(mb[i]) : mw[i];
           const ValueToken<T> t = value_token<T>(pv[i], pold[i], pret[i], has_clip, c);
           pgv[i] = w * t.d_v;
           pgo[i] = w * t.d_old;

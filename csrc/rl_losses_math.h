@@ -1,7 +1,7 @@
 // Per-token math of the elementwise RL losses (KL estimators, PPO policy and value losses) and their
 // aggregation, shared verbatim by the CPU (rl_losses_cpu.cpp) and CUDA (rl_losses_cuda.cu) kernels, so
 // the CPU tests check the very expressions the GPU runs. Every branch mirrors rlhf_fast/reference.py,
-// including PyTorch's autograd conventions: clamp passes the gradient on the closed interval,
+// including PyTorch's autograd conventions: clamp passes the gradient on the open interval only,
 // maximum/minimum split it in half on ties, abs has gradient sign(x) (0 at 0).
 #pragma once
 #include <cmath>
@@ -28,7 +28,7 @@ RLHF_HD double m_expm1(double x) { return expm1(x); }
 template <typename T>
 RLHF_HD T m_clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }  // torch.clamp order: max then min
 template <typename T>
-RLHF_HD T m_in(T x, T lo, T hi) { return (x >= lo && x <= hi) ? T(1) : T(0); }  // clamp's gradient mask
+RLHF_HD T m_in(T x, T lo, T hi) { return (x > lo && x < hi) ? T(1) : T(0); }  // clamp's gradient mask (open)
 
 // ------------------------------------------------------------------------------------------ KL
 enum KlEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
