@@ -70,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [N, V] with unit column stride");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
               "labels must be int64 [N]");
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, "logits must have V >= 1");
   const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = logits.options().dtype(out_dtype);

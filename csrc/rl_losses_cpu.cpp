@@ -1,8 +1,10 @@
 // Elementwise RL losses on the CPU: KL estimators, PPO policy and value losses. The forward writes
 // d loss / d input beside the loss (the gradient is elementwise), so the autograd backward is a scale
 // by the upstream gradient. Per-token math: rl_losses_math.h (shared with the CUDA kernels).
-// Reductions: per segment (row, or fixed chunk for token-mean) in double, then over segments in
-// order, so the result does not depend on the thread count.
+// The PPO losses compute each token in double whatever the input dtype: their mean is a small
+// difference of O(1) terms, whose fp32 rounding alone would cost ~1e-5 relative accuracy. Reductions:
+// per segment (row, or fixed chunk for token-mean) in double, then over segments in order, so the
+// result does not depend on the thread count.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -92,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
     const bool* mb = is_bool ? m.data_ptr<bool>() : nullptr;
     const T* mw = is_bool ? nullptr : m.data_ptr<T>();
     T *pg = g_lp.data_ptr<T>(), *pga = g_adv.data_ptr<T>();
-    const T lo = cfg.lo, hi = cfg.hi, dc = cfg.dual;
     std::tie(loss, stats) = segmented_loss<T>(
         agg, lp.numel(), seg_len, nseg, pg, pga, lp.options(), 3, [&](int64_t i, double* acc) {
-          const T w = is_bool ? T(mb[i]) : mw[i];
-          const PolicyToken<T> t = policy_token<T>(plp[i], pold[i], padv[i], lo, hi, cfg.has_dual, dc);
-          pg[i] = w * t.d_logp;
-          pga[i] = w * t.d_adv;
+          const double w = is_bool ? double(mb[i]) : double(mw[i]);
+          const PolicyToken<double> t = policy_token<double>(plp[i], pold[i], padv[i], cfg.lo, cfg.hi, cfg.has_dual,
+                                                             cfg.dual);
+          pg[i] = static_cast<T>(w * t.d_logp);
+          pga[i] = static_cast<T>(w * t.d_adv);
           acc[0] += t.pg * w;
           acc[1] += w;
           acc[2] += t.clipped * w;
@@ -128,13 +130,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
     const bool* mb = is_bool ? m.data_ptr<bool>() : nullptr;
     const T* mw = is_bool ? nullptr : m.data_ptr<T>();
     T *pgv = g_v.data_ptr<T>(), *pgo = g_old.data_ptr<T>();
-    const T c = static_cast<T>(clip.value_or(0.0));
+    const double c = clip.value_or(0.0);
     std::tie(loss, stats) = segmented_loss<T>(
         agg, v.numel(), seg_len, nseg, pgv, pgo, v.options(), 1, [&](int64_t i, double* acc) {
-          const T w = is_bool ? T(mb[i]) : mw[i];
-          const ValueToken<T> t = value_token<T>(pv[i], pold[i], pret[i], has_clip, c);
-          pgv[i] = w * t.d_v;
-          pgo[i] = w * t.d_old;
+          const double w = is_bool ? double(mb[i]) : double(mw[i]);
+          const ValueToken<double> t = value_token<double>(pv[i], pold[i], pret[i], has_clip, c);
+          pgv[i] = static_cast<T>(w * t.d_v);
+          pgo[i] = static_cast<T>(w * t.d_old);
           acc[0] += t.vl * w;
           acc[1] += w;
           acc[2] += t.clipped * w;
