@@ -70,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [N, V] with unit column stride");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
               "labels must be int64 [N]");
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, "logits must have V >= 1");
   const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = logits.options().dtype(out_dtype);
@@ -99,9 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
 }
 
 // One row of the backward: grad_x = a·(onehot - p) - b·p·(z - lse + H), with a = g_lp/T, b = g_ent/T.
+// `out` may be `row` itself (in-place backward): each entry is read before it is written.
 template <typename scalar_t, typename acc_t>
 RLHF_FAST_SIMD_CLONES void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t a, acc_t b,
                                     acc_t lse, acc_t h, acc_t inv_t) {
+  const acc_t x_label = static_cast<acc_t>(row[label]);  // before an in-place loop overwrites it
   // chunked through a buffer of the math type so the exp loop vectorises whatever scalar_t is
   acc_t buf[kChunk], grad[kChunk];
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -118,24 +121,30 @@ RLHF_FAST_SIMD_CLONES void row_grad(const scalar_t* row, scalar_t* out, int64_t 
     for (int64_t i = 0; i < n; ++i) out[c0 + i] = static_cast<scalar_t>(grad[i]);
   }
   // the label's entry, recomputed so that half outputs are rounded once
-  const acc_t w = static_cast<acc_t>(row[label]) * inv_t - lse, p = exp_nonpos(w);
+  const acc_t w = x_label * inv_t - lse, p = exp_nonpos(w);
   out[label] = static_cast<scalar_t>(a * (1 - p) - b * p * (clamp_low(w) + h));
 }
 
-// grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z·inv_t.
-at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                            const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                            const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
+// grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z·inv_t, written to `grad`
+// (row stride free; `grad` may be `logits` itself).
+void logprobs_bwd_into(const at::Tensor& grad, const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                       const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                       const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [N, V] with unit column stride");
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
-  at::Tensor grad = at::empty({N, V}, logits.options());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
+              "labels must be int64 [N]");
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0),
+                out_stride = grad.stride(0);
   const at::Tensor lab = labels.contiguous(), glp = grad_logp.contiguous(), ls = lse.contiguous(),
                    ent = entropy.contiguous();
   const bool has_gent = grad_entropy.has_value() && grad_entropy->defined();
   const at::Tensor gent = has_gent ? grad_entropy->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    TORCH_CHECK(glp.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "grad_logp has the wrong dtype");
+    constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    TORCH_CHECK(glp.scalar_type() == acc_type && ls.scalar_type() == acc_type && ent.scalar_type() == acc_type &&
+                    (!has_gent || gent.scalar_type() == acc_type),
+                "grad_logp, grad_entropy, lse, entropy must be ", acc_type, " for ", logits.scalar_type(), " logits");
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* gx = grad.data_ptr<scalar_t>();
     const int64_t* y = lab.data_ptr<int64_t>();
@@ -144,7 +153,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* out = gx + r * V;
+        scalar_t* out = gx + r * out_stride;
         if (y[r] == ignore_index) {
           std::fill(out, out + V, scalar_t(0));
           continue;
@@ -154,7 +163,22 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
       }
     });
   });
+}
+
+at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                            const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V]");
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  logprobs_bwd_into(grad, grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index);
   return grad;
+}
+
+void logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& grad_logp,
+                              const std::optional<at::Tensor>& grad_entropy, const at::Tensor& labels,
+                              const at::Tensor& lse, const at::Tensor& entropy, double inv_temperature,
+                              int64_t ignore_index) {
+  logprobs_bwd_into(logits, grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index);
 }
 
 }  // namespace
@@ -162,6 +186,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("logprobs_fwd", &logprobs_fwd_cpu);
   m.impl("logprobs_bwd", &logprobs_bwd_cpu);
+  m.impl("logprobs_bwd_", &logprobs_bwd_inplace_cpu);
 }
 
 }  // namespace rlhf_fast

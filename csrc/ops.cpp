@@ -12,11 +12,28 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // -> grad_logits [N, V] in the logits dtype
   m.def("logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
         "Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> Tensor");
+  // the same gradient written into the logits buffer (its row stride kept): no [N, V] allocation
+  m.def("logprobs_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor? grad_entropy, Tensor labels, "
+        "Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> ()");
   // rewards, values [B, T] fp32/fp64, mask [B, T] bool -> advantages, returns [B, T]
   m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
   // -> grad_rewards, grad_values [B, T]
   m.def("gae_bwd(Tensor grad_advantages, Tensor grad_returns, Tensor mask, float gamma, float lam) "
         "-> (Tensor, Tensor)");
+  // Elementwise losses: float inputs of one shape and dtype (fp32/fp64), mask bool or that dtype
+  // (weights). Each forward also returns d out / d input, so the backward is a scale.
+  // estimator k1|k2|k3|abs with an optional "+" (k2's gradient) -> out, d out/d logp
+  // (d out / d ref_logp = -d out / d logp)
+  m.def("kl_fwd(Tensor logp, Tensor ref_logp, str estimator, float? clamp) -> (Tensor, Tensor)");
+  // agg token-mean|seq-mean-token-sum|seq-mean-token-mean ([B, T] for the seq modes)
+  // -> loss [], stats [clipfrac, approx_kl, dual_clipfrac], d loss/d logp, d loss/d advantages
+  // (d loss / d old_logp = -d loss / d logp)
+  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "
+        "float clip_high, float? dual_clip, str agg) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> loss [], stats [vf_clipfrac], d loss/d values, d loss/d old_values
+  // (d loss / d returns = -(d loss/d values + d loss/d old_values))
+  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "
+        "str agg) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import rlhf_fast._C` loads this library (running the registrations above); the module is empty.

@@ -47,6 +47,11 @@ if LOADED:
     def _(grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("rlhf_fast::logprobs_bwd_")
+    def _(logits, grad_logp, grad_entropy, labels, lse, entropy, inv_temperature, ignore_index):
+        torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
+        return None
+
     def _logprobs_setup(ctx, inputs, output):
         logits, labels, inv_t, ignore_index = inputs
         _, entropy, lse = output
@@ -98,6 +103,84 @@ if LOADED:
         adv, ret = ops.gae_fwd(rewards.to(math), values.to(math), mask.bool(), float(gamma), float(lam))
         return adv.to(out_dtype), ret.to(out_dtype)
 
-    for _name, _fn in (("logprobs", logprobs), ("gae", gae)):
+    # ------------------------------------------------------------------ elementwise losses
+    # Each forward returns d out / d input beside the output; the backward scales it by the upstream
+    # gradient. Those gradient outputs (and the statistics) are not differentiable.
+    def _math_dtype(*ts):
+        return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+    def _weights(mask, dtype):
+        """bool masks stay bool; any other mask is a weight, as in reference.masked_mean."""
+        return mask if mask.dtype == torch.bool else mask.to(dtype)
+
+    @torch.library.register_fake("rlhf_fast::kl_fwd")
+    def _(logp, ref_logp, estimator, clamp):
+        torch._check(logp.shape == ref_logp.shape, lambda: "kl: logp and ref_logp must share one shape")
+        return torch.empty_like(logp), torch.empty_like(logp)
+
+    def _kl_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    def _kl_backward(ctx, g_out, _g_grad):
+        (grad,) = ctx.saved_tensors
+        g = g_out * grad
+        return g, -g, None, None
+
+    torch.library.register_autograd("rlhf_fast::kl_fwd", _kl_backward, setup_context=_kl_setup)
+
+    def kl(logp, ref_logp, estimator="k3", clamp=None):
+        dt = _math_dtype(logp, ref_logp)
+        out, _ = ops.kl_fwd(logp.to(dt), ref_logp.to(dt), estimator, None if clamp is None else float(clamp))
+        return out
+
+    def _loss_fake(x, mask, n_stats):
+        torch._check(x.shape == mask.shape, lambda: "mask must have the inputs' shape")
+        return x.new_empty(()), x.new_empty(n_stats), torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.register_fake("rlhf_fast::ppo_policy_loss_fwd")
+    def _(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg):
+        return _loss_fake(logp, mask, 3)
+
+    @torch.library.register_fake("rlhf_fast::ppo_value_loss_fwd")
+    def _(values, old_values, returns, mask, clip, agg):
+        return _loss_fake(values, mask, 1)
+
+    def _loss_setup(ctx, inputs, output):
+        _, stats, g1, g2 = output
+        ctx.mark_non_differentiable(stats, g1, g2)
+        ctx.save_for_backward(g1, g2)
+
+    def _policy_backward(ctx, g_loss, *_):
+        d_logp, d_adv = ctx.saved_tensors
+        g_logp = g_loss * d_logp
+        return g_logp, -g_logp, g_loss * d_adv, None, None, None, None, None
+
+    def _value_backward(ctx, g_loss, *_):
+        d_v, d_old = ctx.saved_tensors
+        g_v, g_old = g_loss * d_v, g_loss * d_old
+        return g_v, g_old, -(g_v + g_old), None, None, None
+
+    torch.library.register_autograd("rlhf_fast::ppo_policy_loss_fwd", _policy_backward, setup_context=_loss_setup)
+    torch.library.register_autograd("rlhf_fast::ppo_value_loss_fwd", _value_backward, setup_context=_loss_setup)
+
+    def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                        agg="token-mean"):
+        clip_high = clip_low if clip_high is None else clip_high
+        dt = _math_dtype(logp, old_logp, advantages)
+        loss, stats, _, _ = ops.ppo_policy_loss_fwd(
+            logp.to(dt), old_logp.to(dt), advantages.to(dt), _weights(mask, dt), float(clip_low), float(clip_high),
+            None if dual_clip is None else float(dual_clip), agg)
+        return loss, {"clipfrac": stats[0], "approx_kl": stats[1], "dual_clipfrac": stats[2]}
+
+    def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"):
+        dt = _math_dtype(values, old_values, returns)
+        loss, stats, _, _ = ops.ppo_value_loss_fwd(
+            values.to(dt), old_values.to(dt), returns.to(dt), _weights(mask, dt), None if clip is None else float(clip),
+            agg)
+        return loss, {"vf_clipfrac": stats[0]}
+
+    for _name, _fn in (("logprobs", logprobs), ("gae", gae), ("kl", kl), ("ppo_policy_loss", ppo_policy_loss),
+                       ("ppo_value_loss", ppo_value_loss)):
         _backend.register(_name, "cpu")(_fn)
         _backend.register(_name, "cuda")(_fn)

@@ -1,0 +1,263 @@
+"""The compiled ops (csrc/) below the public API: torch.library.opcheck of every op, the in-place
+logprobs backward, CUDA registration, and the loss ops on inputs the parametrised op tests do not
+cover (weighted masks, any-shape token-mean, ties of the clipped branches, empty inputs)."""
+import pytest
+import torch
+
+import rlhf_fast as rf
+from rlhf_fast import _compiled
+from rlhf_fast import reference as ref
+from utils import DEVICE, GRAD_TOL, OUT_TOL, assert_rel
+
+pytestmark = pytest.mark.skipif(not _compiled.LOADED, reason="compiled extension not built")
+ops = torch.ops.rlhf_fast if _compiled.LOADED else None
+BACKEND = "cuda" if DEVICE == "cuda" else "cpu"  # the compiled backend for the test device
+
+NEW_OPS = ("logprobs_bwd_", "kl_fwd", "ppo_policy_loss_fwd", "ppo_value_loss_fwd")
+ALL_OPS = ("logprobs_fwd", "logprobs_bwd", "gae_fwd", "gae_bwd") + NEW_OPS
+
+
+def test_cpu_kernels_registered():
+    for op in ALL_OPS:
+        assert _compiled.has_kernel(op, "CPU"), op
+
+
+@pytest.mark.skipif(not (_compiled.LOADED and _compiled.has_kernel("gae_fwd", "CUDA")),
+                    reason="rlhf_fast._C was built without CUDA sources")
+def test_cuda_kernels_registered():
+    for op in ALL_OPS:
+        assert _compiled.has_kernel(op, "CUDA"), op
+
+
+# ----------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs", "k3+"])
+def test_opcheck_kl(dtype, estimator):
+    a = torch.randn(4, 9, dtype=dtype, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, 9, dtype=dtype, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.kl_fwd, (a, b, estimator, None))
+    torch.library.opcheck(ops.kl_fwd, (a, b, estimator, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_opcheck_ppo_losses(dtype, agg):
+    x, y, z = (torch.randn(3, 7, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(3))
+    for mask in (torch.rand(3, 7, device=DEVICE) > 0.3, torch.rand(3, 7, dtype=dtype, device=DEVICE)):
+        torch.library.opcheck(ops.ppo_policy_loss_fwd, (x, y, z, mask, 0.2, 0.28, 3.0, agg))
+        torch.library.opcheck(ops.ppo_policy_loss_fwd, (x, y, z, mask, 0.2, 0.2, None, agg))
+        torch.library.opcheck(ops.ppo_value_loss_fwd, (x, y, z, mask, 0.2, agg))
+        torch.library.opcheck(ops.ppo_value_loss_fwd, (x, y, z, mask, None, agg))
+
+
+def test_opcheck_logprobs_bwd_inplace():
+    logits = torch.randn(5, 37, device=DEVICE)
+    labels = torch.tensor([0, 36, -100, 5, 9], device=DEVICE)
+    _, ent, lse = ops.logprobs_fwd(logits, labels, 1.25, -100)
+    g = torch.randn(2, 5, device=DEVICE)
+    torch.library.opcheck(ops.logprobs_bwd_, (logits.clone(), g[0], g[1], labels, lse, ent, 1.25, -100))
+
+
+def test_losses_under_torch_compile():
+    logp, old, adv = (torch.randn(3, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    mask = torch.rand(3, 8, device=DEVICE) > 0.2
+
+    def f(logp, old, adv):
+        pl, st = rf.ppo_policy_loss(logp, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean", backend=BACKEND)
+        vl, _ = rf.ppo_value_loss(logp, old, adv, mask, backend=BACKEND)
+        return pl + vl + rf.kl(logp, old, estimator="k3+", backend=BACKEND).mean() + 0 * st["clipfrac"]
+
+    out = torch.compile(f, fullgraph=True)(logp, old, adv)
+    grads = torch.autograd.grad(out, (logp, old, adv))
+    out_e = f(logp, old, adv)
+    grads_e = torch.autograd.grad(out_e, (logp, old, adv))
+    assert torch.allclose(out, out_e)
+    for g, g_e in zip(grads, grads_e):
+        assert torch.allclose(g, g_e, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- in-place logprobs backward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_logprobs_bwd_inplace_matches_out_of_place(dtype):
+    # a row stride != V, a masked vocabulary, an ignored row, the label at either end of the row
+    buf = (torch.randn(6, 520) * 3).to(DEVICE, dtype)
+    logits = buf[:, :517]
+    logits[2, ::4] = float("-inf")
+    labels = torch.tensor([0, 516, 3, -100, 200, 7], device=DEVICE)
+    g_lp, g_ent = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g_lp, g_ent = g_lp.to(DEVICE, acc), g_ent.to(DEVICE, acc)
+    _, ent, lse = ops.logprobs_fwd(logits, labels, 0.8, -100)
+    want = ops.logprobs_bwd(g_lp, g_ent, logits, labels, lse, ent, 0.8, -100)
+    ptr, tail = buf.data_ptr(), buf[:, 517:].clone()
+    ops.logprobs_bwd_(logits, g_lp, g_ent, labels, lse, ent, 0.8, -100)
+    assert buf.data_ptr() == ptr
+    assert torch.equal(logits, want)  # same math, same rounding
+    assert torch.equal(buf[:, 517:], tail)  # the padding past V is untouched
+    assert (logits[3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logprobs_bwd_inplace_against_reference(dtype):
+    logits = (torch.randn(5, 301, dtype=torch.float64) * 2).to(DEVICE, dtype)
+    labels = torch.tensor([1, -100, 300, 0, 17], device=DEVICE)
+    x64 = logits.double().requires_grad_()
+    lp64, ent64 = ref.logprobs(x64, labels, 1.3, -100, True)
+    g_lp, g_ent = torch.randn(5, dtype=torch.float64, device=DEVICE), torch.randn(5, dtype=torch.float64, device=DEVICE)
+    ((lp64 * g_lp).sum() + (ent64 * g_ent).sum()).backward()
+    _, ent, lse = ops.logprobs_fwd(logits, labels, 1 / 1.3, -100)
+    buf = logits.clone()
+    ops.logprobs_bwd_(buf, g_lp.to(ent.dtype), g_ent.to(ent.dtype), labels, lse, ent, 1 / 1.3, -100)
+    assert_rel(buf, x64.grad, GRAD_TOL[dtype], "in-place grad logits")
+
+
+def test_logprobs_bwd_inplace_empty():
+    logits = torch.randn(0, 11, device=DEVICE)
+    e = torch.zeros(0, device=DEVICE)
+    ops.logprobs_bwd_(logits, e, None, torch.zeros(0, dtype=torch.long, device=DEVICE), e, e, 1.0, -100)
+
+
+# ----------------------------------------------------------------------------- losses: more inputs
+def _grads(fn, args):
+    leaves = [a.detach().to(DEVICE).requires_grad_() for a in args]
+    out = fn(*leaves)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    w = [torch.randn(o.shape, dtype=torch.float64).to(DEVICE) for o in outs]  # same weights for every dtype
+    sum((o.double() * wi).sum() for o, wi in zip(outs, w)).backward()
+    return [o.detach() for o in outs], [a.grad for a in leaves]
+
+
+def _compare(cpu_fn, ref_fn, args, dtype, tol=None):
+    torch.manual_seed(0)
+    outs, grads = _grads(cpu_fn, [a.to(dtype) for a in args])
+    torch.manual_seed(0)
+    outs64, grads64 = _grads(ref_fn, [a.to(dtype).double() for a in args])
+    tol = tol or OUT_TOL[dtype]
+    for o, o64 in zip(outs, outs64):
+        assert_rel(o, o64, tol, "output")
+    for g, g64 in zip(grads, grads64):
+        if g64 is None:  # an input this configuration does not use
+            assert g is None or not g.any(), "gradient for an unused input"
+        else:
+            assert_rel(g, g64, max(tol, GRAD_TOL[dtype]), "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (1,), (5000,), (2, 3, 1500), (0, 4)])
+def test_kl_any_shape(dtype, shape):
+    a, b = -torch.rand(shape, dtype=torch.float64) * 4, -torch.rand(shape, dtype=torch.float64) * 4
+    for est in ("k2", "k3", "abs+"):
+        _compare(lambda x, y: rf.kl(x, y, estimator=est, clamp=1.0, backend=BACKEND),
+                 lambda x, y: ref.kl(x, y, est, 1.0), [a, b], dtype)
+
+
+def test_kl_gradient_conventions_at_kinks():
+    # abs has gradient 0 at 0; clamp passes the gradient at its bounds (both as torch does)
+    logp = torch.tensor([-1.0, -1.0, -0.5, -2.0], dtype=torch.float64)
+    ref_logp = torch.tensor([-1.0, -1.5, -1.0, -1.0], dtype=torch.float64)
+    for est, clamp in (("abs", None), ("k1", 0.5), ("k2", 0.125), ("abs+", 0.5)):
+        _compare(lambda x, y: rf.kl(x, y, estimator=est, clamp=clamp, backend=BACKEND),
+                 lambda x, y: ref.kl(x, y, est, clamp), [logp, ref_logp], torch.float64)
+
+
+def _policy_args(shape, tie_fraction=0.0):
+    logp = -torch.rand(shape, dtype=torch.float64) * 2
+    old = logp + torch.randn(shape, dtype=torch.float64) * 0.4
+    if tie_fraction:  # ratio exactly 1 (no clipping, pg1 == pg2) and advantages exactly 0
+        tie = torch.rand(shape) < tie_fraction
+        old = torch.where(tie, logp, old)
+    adv = torch.randn(shape, dtype=torch.float64)
+    adv = torch.where(torch.rand(shape) < 0.1, 0.0, adv)
+    return logp, old, adv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
+def test_policy_loss_weighted_mask_and_ties(dtype, agg, dual_clip):
+    logp, old, adv = _policy_args((6, 50), tie_fraction=0.3)
+    weights = torch.rand(6, 50, dtype=torch.float64) * (torch.rand(6, 50) > 0.3)
+    weights[2] = 0  # an empty row
+    for mask in (weights.to(DEVICE), (weights > 0).to(DEVICE), (weights > 0).int().to(DEVICE)):
+        _compare(lambda *a: _policy_outs(rf.ppo_policy_loss(*a, mask, clip_low=0.2, clip_high=0.28,
+                                                            dual_clip=dual_clip, agg=agg, backend=BACKEND)),
+                 lambda *a: _policy_outs(ref.ppo_policy_loss(*a, mask, 0.2, 0.28, dual_clip, agg)),
+                 [logp, old, adv], dtype)
+
+
+def _policy_outs(res):
+    loss, st = res
+    return [loss, st["clipfrac"], st["approx_kl"], st["dual_clipfrac"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (7,), (9000,), (2, 3, 40)])
+def test_policy_loss_token_mean_any_shape(dtype, shape):
+    # 9000 tokens span three token-mean segments
+    logp, old, adv = _policy_args(shape)
+    mask = (torch.rand(shape) > 0.2).to(DEVICE)
+    _compare(lambda *a: _policy_outs(rf.ppo_policy_loss(*a, mask, dual_clip=3.0, backend=BACKEND)),
+             lambda *a: _policy_outs(ref.ppo_policy_loss(*a, mask, 0.2, None, 3.0, "token-mean")),
+             [logp, old, adv], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_all_aggregations(dtype, agg, clip):
+    v = torch.randn(5, 40, dtype=torch.float64)
+    # old == v: v_clipped == v, so l1 == l2 exactly in any precision (a tie of the maximum)
+    old = torch.where(torch.rand(5, 40) < 0.2, v, v + torch.randn(5, 40, dtype=torch.float64) * 0.3)
+    ret = torch.randn(5, 40, dtype=torch.float64)
+    weights = torch.rand(5, 40, dtype=torch.float64) * (torch.rand(5, 40) > 0.3)
+    weights[0] = 0
+    for mask in (weights.to(DEVICE), (weights > 0).to(DEVICE)):
+        _compare(lambda *a: _value_outs(rf.ppo_value_loss(*a, mask, clip=clip, agg=agg, backend=BACKEND)),
+                 lambda *a: _value_outs(ref.ppo_value_loss(*a, mask, clip, agg)), [v, old, ret], dtype)
+
+
+def _value_outs(res):
+    loss, st = res
+    return [loss, st["vf_clipfrac"]]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_losses_empty_and_all_masked(agg):
+    for shape in ((0, 5), (3, 0), (2, 4)):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        mask = torch.zeros(shape, dtype=torch.bool, device=DEVICE)
+        loss, st = rf.ppo_policy_loss(x, x.detach() + 0.1, torch.randn(shape, device=DEVICE), mask, agg=agg, backend=BACKEND)
+        vloss, vst = rf.ppo_value_loss(x, x.detach() + 0.1, torch.randn(shape, device=DEVICE), mask, agg=agg, backend=BACKEND)
+        assert loss.item() == 0 and vloss.item() == 0
+        assert all(s.item() == 0 for s in st.values()) and vst["vf_clipfrac"].item() == 0
+        (loss + vloss).backward()
+        assert x.grad.shape == shape and not x.grad.any()
+
+
+def test_losses_non_contiguous_and_deterministic():
+    base = torch.randn(3, 40, 12, dtype=torch.float64, device=DEVICE)
+    logp, old, adv = base[..., 0], base[..., 1] * 0.3 + base[..., 0], base[..., 2]  # strided views
+    mask = torch.rand(40, 3, device=DEVICE).T > 0.2
+    a = _policy_outs(rf.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-sum", backend=BACKEND))
+    b = _policy_outs(ref.ppo_policy_loss(logp, old, adv, mask, 0.2, None, None, "seq-mean-token-sum"))
+    for x, y in zip(a, b):
+        assert_rel(x, y, 1e-12, "non-contiguous")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reduction order does not depend on the thread count
+    try:
+        c = _policy_outs(rf.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-sum", backend=BACKEND))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_loss_ops_reject_bad_input_in_cpp():
+    x = torch.randn(2, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="unknown estimator"):
+        ops.kl_fwd(x, x, "k7", None)
+    with pytest.raises(RuntimeError, match="unknown agg"):
+        ops.ppo_value_loss_fwd(x, x, x, x > 0, 0.2, "mean")
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.ppo_policy_loss_fwd(x, x.double(), x, x > 0, 0.2, 0.2, None, "token-mean")
+    with pytest.raises(RuntimeError, match="need \\[B, T\\]"):
+        ops.ppo_policy_loss_fwd(x[0], x[0], x[0], x[0] > 0, 0.2, 0.2, None, "seq-mean-token-sum")
