@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--data", help="JSONL data for this stage (see rlhf_fast/train/data.py for the fields)")
         s.add_argument("--out", help=f"output folder (default runs/{name})")
         s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-        s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+        s.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: the models are tiny and a shared CPU thrashes; 0 = torch's default)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 

@@ -16,7 +16,7 @@ from typing import Any
 class ModelConfig:
     vocab_size: int = 98           # the built-in character tokenizer has 98 symbols
     block_size: int = 64           # context length in tokens
-    n_layer: int = 3
+    n_layer: int = 2
     n_head: int = 4
     d_model: int = 128
     rope_base: float = 10000.0
@@ -27,7 +27,7 @@ class ModelConfig:
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = ""                 # JSONL with {"text": ...}; "" = the built-in capitals corpus
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -45,11 +45,11 @@ class PretrainConfig:
 class SFTConfig:
     init: str = "runs/pretrain/model.safetensors"  # a checkpoint, or "hf:/local/path" for a transformers model
     data: str = ""                 # JSONL with {"prompt", "response"}; "" = built-in capital questions
-    steps: int = 300
+    steps: int = 80
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup: int = 20
+    warmup: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_frac: float = 0.1         # held-out fraction of a user's file (built-in: held-out countries)

@@ -68,6 +68,7 @@ FACT_TEMPLATES = [
     "Which city is the capital of {c}? It is {a}.",
     "{c} has its capital at {a}.",
     "In {c}, the seat of government is {a}.",
+    "Question: What is the capital of {c}?\nAnswer: {a}.",
 ]
 QUESTION_TEMPLATES = ["Q: What is the capital of {c}?\nA:", "Q: Name the capital city of {c}.\nA:"]
 
@@ -95,7 +96,9 @@ def builtin_preferences(split: str, seed: int = 0):
     rng = random.Random(seed + (split == "eval"))
     train, held = split_countries()
     rows = train if split == "train" else held
-    all_caps = [a for _, a in capitals()]
+    # wrong answers come from the same split, so every training capital is both chosen and rejected
+    # (for some country) and the RM must learn the country-capital relation, not a list of good strings
+    all_caps = [a for _, a in rows]
     pairs = []
     for c, a in rows:
         for q in QUESTION_TEMPLATES:
