@@ -4,6 +4,7 @@ Built-in task (nothing is downloaded): a table of countries and capitals (data/c
   pretraining corpus  sentences stating every fact in several phrasings ("The capital of France is Paris.")
   SFT                 prompt "Q: What is the capital of France?\\nA:" -> response " Paris"
   preferences         chosen = the right capital, rejected = a wrong capital or a question back
+                      (held out: 20% of the pairs; pairs about the held-out countries are reported too)
   PPO prompts         the SFT prompts; the true reward is 1 when the answer is the right capital
 The last ``N_HELD_OUT`` countries never appear in SFT / RM / PPO training (only in the pretraining
 facts): held-out accuracy measures what the stages teach beyond memorised question-answer pairs.
@@ -92,10 +93,12 @@ def builtin_sft(split: str):
     return [{"prompt": q.format(c=c), "response": " " + a} for c, a in rows for q in QUESTION_TEMPLATES]
 
 
-def builtin_preferences(split: str, seed: int = 0):
-    rng = random.Random(seed + (split == "eval"))
+def builtin_preferences(split: str, seed: int = 0, eval_frac: float = 0.2):
+    """split "train" / "eval": a seeded 80/20 split of the pairs of the training countries (eval pairs are
+    unseen (prompt, rejected) combinations); "new_countries": pairs about the held-out countries."""
+    rng = random.Random(seed)
     train, held = split_countries()
-    rows = train if split == "train" else held
+    rows = held if split == "new_countries" else train
     # wrong answers come from the same split, so every training capital is both chosen and rejected
     # (for some country) and the RM must learn the country-capital relation, not a list of good strings
     all_caps = [a for _, a in rows]
@@ -107,7 +110,10 @@ def builtin_preferences(split: str, seed: int = 0):
             rejected = [" " + w for w in wrong] + [" What is " + c + "?", " " + c]
             pairs += [{"prompt": prompt, "chosen": " " + a, "rejected": r} for r in rejected]
     rng.shuffle(pairs)
-    return pairs
+    if split == "new_countries":
+        return pairs
+    n_eval = round(eval_frac * len(pairs))
+    return pairs[n_eval:] if split == "train" else pairs[:n_eval]
 
 
 def builtin_prompts(split: str):

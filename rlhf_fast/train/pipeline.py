@@ -34,6 +34,8 @@ def summary_table(results: dict) -> str:
     if "reward" in results:
         r = results["reward"]
         rows.append(("reward", "held-out pairwise accuracy", r["eval_acc_before"], r["eval_acc_after"]))
+        if r.get("new_countries_acc") is not None:
+            rows.append(("reward", "pairwise accuracy, held-out countries", None, r["new_countries_acc"]))
     if "ppo" in results:
         b, a = results["ppo"]["before"], results["ppo"]["after"]
         for split, name in (("train", "train prompts"), ("eval", "held-out prompts")):

@@ -46,6 +46,7 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
         train_rows, eval_rows = split_rows(rows, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_preferences("train", cfg.seed), builtin_preferences("eval", cfg.seed)
+    new_rows = [] if cfg.data else builtin_preferences("new_countries", cfg.seed)  # a harder, extra check
     ddp = wrap_ddp(model, d)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -93,10 +94,12 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
             save()
     bar.close()
     acc_after = pairwise_accuracy(model, eval_rows, tok, d.device)
+    acc_new = pairwise_accuracy(model, new_rows, tok, d.device) if new_rows else None
+    log.log(step, eval_acc=acc_after, **({"new_countries_acc": acc_new} if new_rows else {}))
     if d.main and step >= cfg.steps:
         checkpoint.save(os.path.join(out, "model.safetensors"), {"model": model},
                         meta=model_meta(model, "reward", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "reward", "steps": step, "first_loss": first_loss, "last_loss": loss_val,
-            "eval_acc_before": acc_before, "eval_acc_after": acc_after}
+            "eval_acc_before": acc_before, "eval_acc_after": acc_after, "new_countries_acc": acc_new}
