@@ -63,6 +63,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     if not cfg.ppo.pretrain_data:
         cfg.ppo.pretrain_data = cfg.pretrain.data
     modules = modules_by_name()
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and prints
     results, times = {}, {}
     for stage in stages:
         stage_out = os.path.join(out, stage)
@@ -74,9 +75,14 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
         t0 = time.time()
         results[stage] = modules[stage].train(cfgs[stage], stage_out, resume=resume)
         times[stage] = results[stage]["seconds"] = time.time() - t0
-        print(f"[{stage}] done in {times[stage]:.1f}s: {stage_result_line(results[stage])}", flush=True)
-        with open(done, "w") as f:
-            json.dump(results[stage], f, indent=1)
+        if main:
+            print(f"[{stage}] done in {times[stage]:.1f}s: {stage_result_line(results[stage])}", flush=True)
+            with open(done, "w") as f:
+                json.dump(results[stage], f, indent=1)
+    results["_table"] = summary_table(results)
+    results["_png"] = None
+    if not main:
+        return results
     paths = [os.path.join(out, s, "metrics.jsonl") for s in stages]
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for p in paths:
@@ -85,8 +91,8 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     png = plot_curves(paths, os.path.join(out, "curves.png"))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"config": to_dict(cfg), "results": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
-                                                       for k, v in results.items()}}, f, indent=1)
-    results["_table"] = summary_table(results)
+                                                       for k, v in results.items() if not k.startswith("_")}},
+                  f, indent=1)
     results["_png"] = png
     return results
 
