@@ -1,0 +1,85 @@
+"""``rlhf-fast``: the InstructGPT stages on the rlhf_fast ops.
+
+    rlhf-fast pipeline                      pretrain -> SFT -> reward model -> PPO-ptx on the built-in task
+    rlhf-fast pretrain|sft|reward|ppo       one stage (each reads the previous stage's runs/<stage>/model.safetensors)
+
+Options: --config FILE (.json/.toml), --data FILE (JSONL for that stage), --out DIR (default runs/<command>),
+--resume (continue from <out>'s checkpoint), --threads N, then key=value overrides
+(``steps=100``, ``model.n_layer=2``; in the pipeline ``ppo.iterations=10``). Multi-process: ``torchrun
+--nproc_per_node=2 -m rlhf_fast.cli pretrain`` (gloo on CPU, nccl on CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"pipeline": "all four stages on the built-in task (or your data via <stage>.data=FILE)",
+             "pretrain": "stage 1: next-token pretraining", "sft": "stage 2: supervised fine-tuning",
+             "reward": "stage 3: reward model on preference pairs", "ppo": "stage 4: PPO-ptx against the reward model"}
+    for name, h in helps.items():
+        s = sub.add_parser(name, help=h, description=h)
+        s.add_argument("--config", help="a .json or .toml file of config values")
+        if name != "pipeline":
+            s.add_argument("--data", help="JSONL data for this stage (see rlhf_fast/train/data.py for the fields)")
+        s.add_argument("--out", help=f"output folder (default runs/{name})")
+        s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        s.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: the models are tiny and a shared CPU thrashes; 0 = torch's default)")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from .train import pipeline
+    from .train.config import STAGE_CONFIGS, load_config, to_dict
+    from .train.metrics import plot_curves
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data={args.data}")
+    try:
+        cfg = load_config(STAGE_CONFIGS[args.command], args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rlhf-fast: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", args.command)
+    os.makedirs(out, exist_ok=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    t0 = time.time()
+    try:
+        if args.command == "pipeline":
+            res = pipeline.run(cfg, out, resume=args.resume)
+            if rank0:
+                print("\n" + res["_table"])
+                print(f"\npipeline wall time {time.time() - t0:.1f}s; metrics: {out}/metrics.jsonl"
+                      + (f", curves: {res['_png']}" if res["_png"] else "") + f", summary: {out}/summary.json")
+            return 0
+        res = pipeline.modules_by_name()[args.command].train(cfg, out, resume=args.resume)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"rlhf-fast {args.command}: {e}", file=sys.stderr)
+        return 1
+    if rank0:
+        res["seconds"] = time.time() - t0
+        png = plot_curves([os.path.join(out, "metrics.jsonl")], os.path.join(out, "curves.png"))
+        print(f"[{args.command}] done in {res['seconds']:.1f}s: {pipeline.stage_result_line(res)}")
+        print(pipeline.summary_table({args.command: res}))
+        print(f"metrics: {out}/metrics.jsonl" + (f", curves: {png}" if png else ""))
+        import json
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

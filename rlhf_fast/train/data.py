@@ -1,0 +1,255 @@
+"""Tokenizer, the built-in capitals task, JSONL loaders and batching.
+
+Built-in task (nothing is downloaded): a table of countries and capitals (data/capitals.tsv).
+  pretraining corpus  sentences stating every fact in several phrasings ("The capital of France is Paris.")
+  SFT                 prompt "Q: What is the capital of France?\\nA:" -> response " Paris"
+  preferences         chosen = the right capital, rejected = a wrong capital or a question back
+                      (held out: 20% of the pairs; pairs about the held-out countries are reported too)
+  PPO prompts         the SFT prompts; the true reward is 1 when the answer is the right capital
+The last ``N_HELD_OUT`` countries never appear in SFT / RM / PPO training (only in the pretraining
+facts): held-out accuracy measures what the stages teach beyond memorised question-answer pairs.
+
+User data, one JSON object per line:
+  pretrain {"text"}   sft {"prompt", "response"}   reward {"prompt", "chosen", "rejected"}
+  ppo {"prompt"} with an optional "answer" (the true reward: 1 when the stripped response equals it)
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+N_HELD_OUT = 8
+_DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+
+
+class CharTokenizer:
+    """Character level: PAD=0, EOS=1, then newline and printable ASCII (98 symbols in all)."""
+    PAD, EOS = 0, 1
+    chars = "\n" + "".join(chr(c) for c in range(32, 127))
+
+    def __init__(self):
+        self.stoi = {ch: i + 2 for i, ch in enumerate(self.chars)}
+        self.vocab_size = len(self.chars) + 2
+        self.pad_id, self.eos_id = self.PAD, self.EOS
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's alphabet "
+                             "(newline and printable ASCII)") from None
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.EOS:
+                break
+            if 2 <= i < self.vocab_size:
+                out.append(self.chars[i - 2])
+        return "".join(out)
+
+
+# ---- the built-in task ----------------------------------------------------------------------------
+
+def capitals() -> list[tuple[str, str]]:
+    with open(os.path.join(_DATA_DIR, "capitals.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
+    return [(c, cap) for c, cap in rows]
+
+
+FACT_TEMPLATES = [
+    "The capital of {c} is {a}.",
+    "{a} is the capital of {c}.",
+    "The capital city of {c} is {a}.",
+    "Which city is the capital of {c}? It is {a}.",
+    "{c} has its capital at {a}.",
+    "In {c}, the seat of government is {a}.",
+    "Question: What is the capital of {c}?\nAnswer: {a}.",
+]
+QUESTION_TEMPLATES = ["Q: What is the capital of {c}?\nA:", "Q: Name the capital city of {c}.\nA:"]
+
+
+def split_countries(held_out: int = N_HELD_OUT):
+    table = capitals()
+    return table[:-held_out], table[-held_out:]
+
+
+def builtin_corpus(seed: int = 0, n_sentences: int = 6000) -> str:
+    """Sentences of facts about every country in random order, one per line."""
+    rng = random.Random(seed)
+    table = capitals()
+    lines = [rng.choice(FACT_TEMPLATES).format(c=c, a=a) for c, a in (rng.choice(table) for _ in range(n_sentences))]
+    return "\n".join(lines) + "\n"
+
+
+def builtin_sft(split: str):
+    train, held = split_countries()
+    rows = train if split == "train" else held
+    return [{"prompt": q.format(c=c), "response": " " + a} for c, a in rows for q in QUESTION_TEMPLATES]
+
+
+def builtin_preferences(split: str, seed: int = 0, eval_frac: float = 0.2):
+    """split "train" / "eval": a seeded 80/20 split of the pairs of the training countries (eval pairs are
+    unseen (prompt, rejected) combinations); "new_countries": pairs about the held-out countries."""
+    rng = random.Random(seed)
+    train, held = split_countries()
+    rows = held if split == "new_countries" else train
+    # wrong answers come from the same split, so every training capital is both chosen and rejected
+    # (for some country) and the RM must learn the country-capital relation, not a list of good strings
+    all_caps = [a for _, a in rows]
+    pairs = []
+    for c, a in rows:
+        for q in QUESTION_TEMPLATES:
+            prompt = q.format(c=c)
+            wrong = rng.sample([x for x in all_caps if x != a], 4)
+            rejected = [" " + w for w in wrong] + [" What is " + c + "?", " " + c]
+            pairs += [{"prompt": prompt, "chosen": " " + a, "rejected": r} for r in rejected]
+    rng.shuffle(pairs)
+    if split == "new_countries":
+        return pairs
+    n_eval = round(eval_frac * len(pairs))
+    return pairs[n_eval:] if split == "train" else pairs[:n_eval]
+
+
+def builtin_prompts(split: str):
+    return [{"prompt": r["prompt"], "answer": r["response"].strip()} for r in builtin_sft(split)]
+
+
+# ---- user JSONL -------------------------------------------------------------------------------------
+
+STAGE_FIELDS = {"pretrain": ("text",), "sft": ("prompt", "response"), "reward": ("prompt", "chosen", "rejected"),
+                "ppo": ("prompt",)}
+
+
+def load_jsonl(path: str, stage: str, tok: CharTokenizer, block_size: int) -> list[dict]:
+    """Rows of ``path`` checked for ``stage``: required fields, non-empty responses, lengths that fit."""
+    need = STAGE_FIELDS[stage]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object with fields {', '.join(need)}")
+            for k in need:
+                if k not in row:
+                    raise ValueError(f"{where}: missing field {k!r} (a {stage} row needs {', '.join(need)})")
+                if not isinstance(row[k], str):
+                    raise ValueError(f"{where}: field {k!r} must be a string, got {type(row[k]).__name__}")
+            for k in need[1:] if stage != "ppo" else ():
+                if not row[k].strip():
+                    raise ValueError(f"{where}: empty {k!r}: every {stage} row needs a non-empty {k}")
+            if stage == "pretrain":
+                if not row["text"]:
+                    raise ValueError(f"{where}: empty 'text'")
+                tok.encode(row["text"])
+            else:
+                check_lengths(row, need, tok, block_size, where)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"data file {path} has no rows")
+    return rows
+
+
+def check_lengths(row: dict, fields, tok: CharTokenizer, block_size: int, where: str = "row"):
+    plen = len(tok.encode(row["prompt"]))
+    if plen >= block_size:
+        raise ValueError(f"{where}: prompt is {plen} tokens, too long for the context (block_size={block_size}, "
+                         "which must leave room for at least one response token)")
+    for k in fields[1:]:
+        total = plen + len(tok.encode(row[k])) + 1  # + EOS
+        if total > block_size:
+            raise ValueError(f"{where}: prompt + {k} + EOS is {total} tokens, longer than block_size={block_size}")
+
+
+def split_rows(rows: list, eval_frac: float, seed: int):
+    """A seeded (train, eval) split of user rows; eval gets at least one row when there are two or more."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = min(len(rows) - 1, max(1 if len(rows) > 1 else 0, round(eval_frac * len(rows))))
+    return rows[n_eval:], rows[:n_eval]
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+
+def corpus_tokens(path: str, tok: CharTokenizer, block_size: int, seed: int) -> torch.Tensor:
+    """The pretraining corpus as one long token stream (documents separated by EOS)."""
+    if path:
+        ids = []
+        for row in load_jsonl(path, "pretrain", tok, block_size):
+            ids += tok.encode(row["text"]) + [tok.eos_id]
+    else:
+        ids = tok.encode(builtin_corpus(seed))
+    if len(ids) <= block_size + 1:
+        raise ValueError(f"pretraining corpus has {len(ids)} tokens; need more than block_size + 1 = {block_size + 1}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def stream_batch(data: torch.Tensor, idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Windows of block_size + 1 tokens starting at ``idx`` [B] -> [B, block_size + 1]."""
+    return torch.stack([data[i:i + block_size + 1] for i in idx.tolist()])
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor      # [B, T]
+    mask: torch.Tensor     # [B, T] 1 = real token
+    labels: torch.Tensor | None = None  # [B, T] next-token targets, -100 where not trained
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def sft_batch(rows: list[dict], tok: CharTokenizer) -> Batch:
+    """prompt + response + EOS, right padded; labels are the next tokens, -100 on the prompt and padding."""
+    seqs, n_prompt = [], []
+    for r in rows:
+        p = tok.encode(r["prompt"])
+        seqs.append(p + tok.encode(r["response"]) + [tok.eos_id])
+        n_prompt.append(len(p))
+    ids, mask = right_pad(seqs, tok.pad_id)
+    labels = torch.full_like(ids, -100)
+    for i, (s, p) in enumerate(zip(seqs, n_prompt)):
+        labels[i, p - 1:len(s) - 1] = ids[i, p:len(s)]  # position t predicts token t + 1
+    return Batch(ids, mask, labels)
+
+
+def pair_batch(rows: list[dict], tok: CharTokenizer) -> tuple[Batch, Batch]:
+    """(chosen, rejected) sequences prompt + answer + EOS, right padded."""
+    ch = [tok.encode(r["prompt"] + r["chosen"]) + [tok.eos_id] for r in rows]
+    rj = [tok.encode(r["prompt"] + r["rejected"]) + [tok.eos_id] for r in rows]
+    return Batch(*right_pad(ch, tok.pad_id)), Batch(*right_pad(rj, tok.pad_id))
+
+
+def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's slice of a global batch of indices (DistributedSampler style: every world-th one)."""
+    return indices[rank::world]

@@ -1,0 +1,80 @@
+"""Optional model source: a Hugging Face transformers causal LM from a local folder (``init=hf:/path``).
+
+The wrapper gives it the interface of model.Transformer: forward(idx, pad_mask) -> logits [B, T, V] or,
+with head="value", values [B, T] from a new scalar head on the last hidden state; generation
+recomputes the prefix each step (no rlhf_fast KV cache). transformers is imported only here.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("init=hf:PATH needs the transformers package, which is not installed: "
+                          "pip install transformers (or rlhf_fast[hf])") from None
+    return transformers
+
+
+class HFTokenizer:
+    """encode/decode/pad_id/eos_id over a transformers tokenizer (no special tokens added)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the Hugging Face tokenizer has no eos_token_id")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class HFModel(nn.Module):
+    uses_kv_cache = False  # generate() recomputes the prefix instead
+
+    def __init__(self, hf_model, path: str, head: str):
+        super().__init__()
+        self.hf, self.hf_path, self.head_kind = hf_model, path, head
+        c = hf_model.config
+        self.cfg = SimpleNamespace(block_size=getattr(c, "max_position_embeddings", None) or 2048)
+        if head == "value":
+            self.head = nn.Linear(c.hidden_size, 1)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, pad_mask=None, cache=None):
+        if pad_mask is None:
+            pad_mask = torch.ones_like(idx)
+        pos = (pad_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.hf(input_ids=idx, attention_mask=pad_mask.long(), position_ids=pos,
+                      output_hidden_states=self.head_kind == "value", use_cache=False)
+        if self.head_kind == "lm":
+            return out.logits.float()
+        return self.head(out.hidden_states[-1]).squeeze(-1).float()
+
+
+def load_hf(path: str, head: str, device):
+    transformers = _transformers()
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init=hf:{path}: not a local folder with a transformers model "
+                                "(config.json and weights); nothing is downloaded")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"init=hf:{path}: could not load a causal LM and its tokenizer: {e}") from None
+    return HFModel(model, path, head).to(device), HFTokenizer(tok)

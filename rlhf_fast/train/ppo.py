@@ -1,0 +1,223 @@
+"""Stage 4, PPO-ptx (InstructGPT): the SFT policy is optimised against the reward model with a
+per-token KL penalty to the frozen SFT reference, plus a pretraining-likelihood term.
+
+One iteration:
+  rollout   sample prompts; the policy generates (KV cache, temperature sampling); the RM scores the
+            sequences; old log-probs, reference log-probs and critic values are recorded.
+  rewards   r = rf.kl_penalized_rewards(score, logp, ref_logp, mask, beta=β): -β·KL per token, the
+            score on the last response token; β fixed or adapted towards a KL target (Ziegler et al. 2019).
+  advantage rf.gae(r, values, mask), then rf.masked_whiten over the batch.
+  update    ppo_epochs passes over minibatches: rf.ppo_policy_loss - entropy_coef·H + ptx_coef·NLL(x_pretrain)
+            for the policy, rf.ppo_value_loss for the critic (initialised from the RM).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_fast as rf
+
+from . import checkpoint
+from .config import PPOConfig
+from .data import builtin_prompts, corpus_tokens, left_pad, load_jsonl, shard, split_rows, stream_batch
+from .metrics import MetricLog, truncate_after
+from .model import generate, sequence_scores
+from .pretrain import lm_loss
+from .runtime import all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
+
+
+class KLController:
+    """β for the KL penalty: fixed, or the adaptive controller of Ziegler et al. (2019):
+    β ← β·(1 + clip(KL/target - 1, ±0.2)·n/horizon) after each batch of n sequences."""
+
+    def __init__(self, init: float, target: float, horizon: int, adaptive: bool):
+        self.value, self.target, self.horizon, self.adaptive = init, target, horizon, adaptive
+
+    def update(self, kl: float, n: int):
+        if self.adaptive:
+            err = max(-0.2, min(0.2, kl / self.target - 1))
+            self.value *= 1 + err * n / self.horizon
+
+
+@dataclass
+class Rollout:
+    seq: torch.Tensor        # [B, P + R] left-padded prompt, then response
+    seq_mask: torch.Tensor   # [B, P + R]
+    P: int                   # prompt width: response token t sits at column P + t
+    mask: torch.Tensor       # [B, R] response tokens (up to and including EOS)
+    logp: torch.Tensor       # [B, R] policy log-probs when sampled
+    ref_logp: torch.Tensor
+    values: torch.Tensor     # [B, R] critic values (None-free: zeros when no critic)
+    score: torch.Tensor      # [B] RM score (no_eos_penalty for unfinished responses)
+    true_reward: torch.Tensor  # [B] 1 = the right answer (nan when the row has no "answer")
+    kl: torch.Tensor         # [B] Σ_t logp - ref_logp over the response
+
+
+def response_logprobs(model, r: Rollout, temperature: float, return_entropy: bool = False):
+    """Log-probs of the response tokens: logits at column P - 1 + t predict response token t."""
+    logits = model(r.seq, r.seq_mask)[:, r.P - 1:-1]
+    return rf.logprobs(logits, r.seq[:, r.P:], temperature=temperature, return_entropy=return_entropy)
+
+
+@torch.no_grad()
+def rollout(policy, ref, rm, critic, rows: list[dict], tok, cfg: PPOConfig, device, gen, temperature=None) -> Rollout:
+    temperature = cfg.temperature if temperature is None else temperature
+    policy.eval()
+    ids, pmask = left_pad([tok.encode(r["prompt"]) for r in rows], tok.pad_id)
+    ids, pmask = ids.to(device), pmask.to(device)
+    resp, mask = generate(policy, ids, pmask, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature,
+                          gen if temperature > 0 else None)
+    policy.train()
+    seq, seq_mask, P = torch.cat([ids, resp], 1), torch.cat([pmask, mask], 1), ids.shape[1]
+    r = Rollout(seq, seq_mask, P, mask, *(None,) * 6)
+    t = cfg.temperature
+    r.logp = response_logprobs(policy, r, t)
+    r.ref_logp = response_logprobs(ref, r, t)
+    r.values = critic(seq, seq_mask)[:, P - 1:-1] if critic is not None else torch.zeros_like(r.logp)
+    finished = ((resp == tok.eos_id) & mask.bool()).any(1)
+    r.score = torch.where(finished, sequence_scores(rm, seq, seq_mask), torch.full_like(r.logp[:, 0], cfg.no_eos_penalty))
+    said = [tok.decode(x.tolist()).split("\n")[0].strip() for x in resp]
+    r.true_reward = torch.tensor([float(s == row["answer"].strip()) if "answer" in row else float("nan")
+                                  for s, row in zip(said, rows)], device=device)
+    r.kl = (rf.kl(r.logp, r.ref_logp, estimator="k1") * mask).sum(1)
+    return r
+
+
+def _mean(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.mean().item() if x.numel() else float("nan")
+
+
+@torch.no_grad()
+def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 4) -> dict:
+    """Sampled (at cfg.temperature) and greedy answers on ``rows``: true accuracy, RM score, KL to the reference."""
+    if not rows:
+        return {}
+    sampled = rollout(policy, ref, rm, None, rows * repeats, tok, cfg, device, gen)
+    greedy = rollout(policy, ref, rm, None, rows, tok, cfg, device, gen, temperature=0.0)
+    return {"acc_sampled": _mean(sampled.true_reward), "acc_greedy": _mean(greedy.true_reward),
+            "score": _mean(sampled.score), "kl": _mean(sampled.kl)}
+
+
+def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
+    d = setup(cfg.device)
+    if cfg.rollout_size % d.world or cfg.minibatch_size % d.world:
+        raise ValueError(f"rollout_size={cfg.rollout_size} and minibatch_size={cfg.minibatch_size} must split "
+                         f"evenly over {d.world} processes")
+    torch.manual_seed(cfg.seed)
+    policy, tok = load_model(cfg.init, "lm", d.device)
+    ref, _ = load_model(cfg.init, "lm", d.device)
+    rm, _ = load_model(cfg.reward_model, "value", d.device)
+    critic, _ = load_model(cfg.reward_model, "value", d.device)  # the critic starts from the RM (InstructGPT)
+    for m in (ref, rm):
+        m.requires_grad_(False).eval()
+    T = policy.cfg.block_size
+    if cfg.data:
+        train_rows, eval_rows = split_rows(load_jsonl(cfg.data, "ppo", tok, T), cfg.eval_frac, cfg.seed)
+    else:
+        train_rows, eval_rows = builtin_prompts("train"), builtin_prompts("eval")
+    ptx_data = corpus_tokens(cfg.pretrain_data, tok, T, cfg.seed) if cfg.ptx_coef else None
+
+    ddp_policy, ddp_critic = wrap_ddp(policy, d), wrap_ddp(critic, d)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
+    data_gen = torch.Generator().manual_seed(cfg.seed)                        # prompts, minibatches, ptx windows
+    sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)  # token sampling
+    eval_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + 1000)
+    gens = {"data": data_gen, "sample": sample_gen}
+    ckpt = os.path.join(out, "ckpt.safetensors")
+    it = 0
+    if resume and os.path.exists(ckpt):
+        state = checkpoint.load(ckpt, {"policy": policy, "critic": critic},
+                                optimizers={"policy": opt, "critic": opt_critic})
+        checkpoint.set_rng_state(state["rng"], gens)
+        it, kl_ctl.value = state["step"], state["kl_coef"]
+        if d.main:
+            truncate_after(os.path.join(out, "metrics.jsonl"), it)
+    log = MetricLog(out, "ppo", enabled=d.main, append=resume and it > 0)
+    before = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
+              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+
+    def save():
+        if d.main:
+            checkpoint.save(ckpt, {"policy": policy, "critic": critic}, optimizers={"policy": opt, "critic": opt_critic},
+                            rng=checkpoint.rng_state(gens),
+                            meta=model_meta(policy, "ppo", {"step": it, "kl_coef": kl_ctl.value}))
+        barrier(d)
+
+    end = min(cfg.iterations, cfg.stop_after) if cfg.stop_after else cfg.iterations
+    bar = progress(end, "ppo", d, initial=it)
+    history = []
+    while it < end:
+        # ---- rollout: every rank draws the same global prompt list and keeps its slice
+        pick = torch.randint(len(train_rows), (cfg.rollout_size,), generator=data_gen)
+        rows = [train_rows[i] for i in shard(pick, d.rank, d.world).tolist()]
+        r = rollout(policy, ref, rm, critic, rows, tok, cfg, d.device, sample_gen)
+        rewards = rf.kl_penalized_rewards(r.score, r.logp, r.ref_logp, r.mask, beta=kl_ctl.value)
+        adv, ret = rf.gae(rewards, r.values, r.mask, gamma=cfg.gamma, lam=cfg.lam)
+        adv = rf.masked_whiten(adv, r.mask)
+
+        # ---- PPO epochs over minibatches
+        B, mb = len(rows), cfg.minibatch_size // d.world
+        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "entropy": 0.0, "ptx_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=data_gen)
+            for s in range(0, B, mb):
+                i = perm[s:s + mb].to(d.device)
+                sub = Rollout(r.seq[i], r.seq_mask[i], r.P, r.mask[i], r.logp[i], r.ref_logp[i], r.values[i],
+                              r.score[i], r.true_reward[i], r.kl[i])
+                logp, ent = response_logprobs(ddp_policy, sub, cfg.temperature, return_entropy=True)
+                pg_loss, pg_stats = rf.ppo_policy_loss(logp, sub.logp, adv[i], sub.mask, clip_low=cfg.clip)
+                entropy = rf.masked_mean(ent, sub.mask)
+                loss = pg_loss - cfg.entropy_coef * entropy
+                if ptx_data is not None:  # PPO-ptx: keep the pretraining likelihood up
+                    starts = torch.randint(len(ptx_data) - T - 1, (cfg.ptx_batch_size,), generator=data_gen)
+                    ptx_loss = lm_loss(ddp_policy, stream_batch(ptx_data, shard(starts, d.rank, d.world), T).to(d.device))
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                    stats["ptx_loss"] += ptx_loss.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                opt.step()
+
+                values = ddp_critic(sub.seq, sub.seq_mask)[:, r.P - 1:-1]
+                vf_loss, _ = rf.ppo_value_loss(values, sub.values, ret[i], sub.mask, clip=cfg.value_clip or None)
+                opt_critic.zero_grad(set_to_none=True)
+                vf_loss.backward()
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                opt_critic.step()
+
+                stats["pg_loss"] += pg_loss.item()
+                stats["vf_loss"] += vf_loss.item()
+                stats["entropy"] += entropy.item()
+                stats["clipfrac"] += float(pg_stats["clipfrac"])
+                stats["approx_kl"] += float(pg_stats["approx_kl"])
+                n_updates += 1
+        it += 1
+        kl_mean = all_mean(r.kl.mean().item(), d)
+        kl_ctl.update(kl_mean, cfg.rollout_size)
+        metrics = {k: all_mean(v / n_updates, d) for k, v in stats.items()}
+        metrics.update(mean_score=all_mean(r.score.mean().item(), d), true_reward=all_mean(_mean(r.true_reward), d),
+                       kl=kl_mean, kl_coef=kl_ctl.value, response_len=all_mean(r.mask.sum(1).float().mean().item(), d))
+        history.append(metrics)
+        log.log(it, **metrics)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['mean_score']:.2f}", acc=f"{metrics['true_reward']:.2f}", kl=f"{kl_mean:.2f}")
+        if it % cfg.save_every == 0 or it == end:
+            save()
+    bar.close()
+    after = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
+             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+    for split in ("eval", "train"):
+        log.log(it, **{f"{split}_{k}": v for k, v in after[split].items()})
+    if d.main and it >= cfg.iterations:
+        checkpoint.save(os.path.join(out, "model.safetensors"), {"model": policy},
+                        meta=model_meta(policy, "ppo", {"step": it}))
+    log.close()
+    barrier(d)
+    return {"stage": "ppo", "iterations": it, "before": before, "after": after, "history": history,
+            "kl_coef": kl_ctl.value}
