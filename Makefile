@@ -23,14 +23,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
 
 setup: $(VENV)/.built
 
-demo: setup   ## the main job on its built-in default
-	$(BIN)/python -m benchmarks --cpu
+demo: setup   ## the main job on its built-in default: the whole pipeline on a tiny model
+	$(BIN)/rlhf-fast pipeline
 
 test: setup   ## the test suite (Triton kernels under TRITON_INTERPRET=1 on the CPU)
 	$(BIN)/python -m pytest tests -q
 
 bench: setup  ## the full benchmark matrix (on a GPU machine: benchmarks/gpu_run.sh)
 	$(BIN)/python -m benchmarks
+
+bench-cpu: setup  ## small CPU benchmark of every op (about a minute)
+	$(BIN)/python -m benchmarks --cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info rlhf_fast/*.so

@@ -11,6 +11,7 @@ already installed.
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -20,6 +21,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extensions():
     if os.environ.get("RLHF_FAST_NO_EXT") == "1":
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        # torch guesses CUDA_HOME as nvcc's grandparent, wrong when nvcc is a wrapper or link in
+        # /usr/local/bin (then cudart does not link): take the first toolkit that has the runtime.
+        nvcc = shutil.which("nvcc")
+        guesses = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+        found = [g for g in guesses if os.path.exists(os.path.join(g, "include", "cuda_runtime.h"))]
+        if found:
+            os.environ["CUDA_HOME"] = found[0]  # before cpp_extension is imported: it reads it then
     import torch
     from torch.utils import cpp_extension as ce
 
@@ -56,6 +65,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(exclude=("csrc", "tests", "tests.*", "benchmarks", "benchmarks.*")),
+    package_data={"rlhf_fast.train": ["data/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
