@@ -213,7 +213,7 @@ RLHF_HD ValueToken<T> value_token(T v, T old_v, T ret, bool has_clip, T clip) {
   const T in = m_in(dv, -clip, clip);
   const T e2 = old_v + m_clamp(dv, -clip, clip) - ret, l2 = e2 * e2;
   if (l1 > l2) return {T(0.5) * l1, e1, T(0), T(0)};
-  if (l1 < l2) return {T(0.5) * l2, e2 * in, e2 * (T(1) - in), T(1)};
+  if (l1 < l2) return {T(0.5) * l2, e2 * in, e2 * (T(1) - in), T(1) - in};  // clipped: clip active
   return {T(0.5) * l1, T(0.5) * (e1 + e2 * in), T(0.5) * (e2 * (T(1) - in)), T(0)};
 }
 

@@ -223,8 +223,9 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"
         v_clipped = old_values + (values - old_values).clamp(-clip, clip)
         l2 = (v_clipped - returns) ** 2
         vl = 0.5 * torch.maximum(l1, l2)
-        with torch.no_grad():
-            clipfrac = masked_mean((l2 > l1).to(values.dtype), mask)
+        with torch.no_grad():  # tokens where the clip is active and its loss is the larger one
+            active = (values - old_values).abs() > clip
+            clipfrac = masked_mean(((l2 > l1) & active).to(values.dtype), mask)
     return aggregate(vl, mask, agg), {"vf_clipfrac": clipfrac}
 
 

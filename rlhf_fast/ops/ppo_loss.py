@@ -108,7 +108,7 @@ def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, scale_ptr, dv_ptr, dold_pt
         a1 = _tie_weight(l1, l2)
         d_v = a1 * e1 + (1.0 - a1) * e2 * in_c
         d_old = (1.0 - a1) * e2 * (1.0 - in_c)
-        clipped = tl.sum(tl.where(l2 > l1, m, 0.0), 0)
+        clipped = tl.sum(tl.where((l2 > l1) & (in_c == 0), m, 0.0), 0)  # clip active and binding
     else:
         vl = 0.5 * l1
         d_v = e1

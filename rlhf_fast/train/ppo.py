@@ -22,10 +22,9 @@ import rlhf_fast as rf
 from . import checkpoint
 from .config import PPOConfig
 from .data import builtin_prompts, corpus_tokens, left_pad, load_jsonl, shard, split_rows, stream_batch
-from .metrics import MetricLog, truncate_after
 from .model import generate, sequence_scores
 from .pretrain import lm_loss
-from .runtime import all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
+from .runtime import StageState, all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
 
 
 class KLController:
@@ -128,25 +127,12 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
     sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)  # token sampling
     eval_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + 1000)
     gens = {"data": data_gen, "sample": sample_gen}
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    it = 0
-    if resume and os.path.exists(ckpt):
-        state = checkpoint.load(ckpt, {"policy": policy, "critic": critic},
-                                optimizers={"policy": opt, "critic": opt_critic})
-        checkpoint.set_rng_state(state["rng"], gens)
-        it, kl_ctl.value = state["step"], state["kl_coef"]
-        if d.main:
-            truncate_after(os.path.join(out, "metrics.jsonl"), it)
-    log = MetricLog(out, "ppo", enabled=d.main, append=resume and it > 0)
+    run = StageState(out, "ppo", d, {"policy": policy, "critic": critic}, {"policy": opt, "critic": opt_critic}, gens)
+    state = run.restore(resume)
+    it, kl_ctl.value = state["step"], state.get("kl_coef", kl_ctl.value)
+    log = run.log
     before = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
               "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
-
-    def save():
-        if d.main:
-            checkpoint.save(ckpt, {"policy": policy, "critic": critic}, optimizers={"policy": opt, "critic": opt_critic},
-                            rng=checkpoint.rng_state(gens),
-                            meta=model_meta(policy, "ppo", {"step": it, "kl_coef": kl_ctl.value}))
-        barrier(d)
 
     end = min(cfg.iterations, cfg.stop_after) if cfg.stop_after else cfg.iterations
     bar = progress(end, "ppo", d, initial=it)
@@ -208,7 +194,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['mean_score']:.2f}", acc=f"{metrics['true_reward']:.2f}", kl=f"{kl_mean:.2f}")
         if it % cfg.save_every == 0 or it == end:
-            save()
+            run.save(it, kl_coef=kl_ctl.value)
     bar.close()
     after = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}

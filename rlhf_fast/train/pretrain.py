@@ -15,9 +15,8 @@ import rlhf_fast as rf
 from . import checkpoint
 from .config import PretrainConfig
 from .data import CharTokenizer, corpus_tokens, shard, stream_batch
-from .metrics import MetricLog, truncate_after
 from .model import Transformer
-from .runtime import adamw, all_mean, barrier, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
+from .runtime import StageState, adamw, all_mean, barrier, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
 
 
 def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
@@ -56,25 +55,12 @@ def train(cfg: PretrainConfig, out: str = "runs/pretrain", resume: bool = False)
     ddp = wrap_ddp(model, d)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # the data order
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    step = 0
-    if resume and os.path.exists(ckpt):
-        state = checkpoint.load(ckpt, {"model": model}, optimizers={"opt": opt})
-        checkpoint.set_rng_state(state["rng"], {"data": gen})
-        step = state["step"]
-        if d.main:
-            truncate_after(os.path.join(out, "metrics.jsonl"), step)
-    log = MetricLog(out, "pretrain", enabled=d.main, append=resume and step > 0)
+    run = StageState(out, "pretrain", d, {"model": model}, {"opt": opt}, {"data": gen})
+    step = run.restore(resume)["step"]
+    log = run.log
     first_eval = eval_loss(model, val_windows)
     if step == 0:
         log.log(0, eval_loss=first_eval)
-
-    def save():
-        if d.main:
-            checkpoint.save(ckpt, {"model": model}, optimizers={"opt": opt},
-                            rng=checkpoint.rng_state({"data": gen}),
-                            meta=model_meta(model, "pretrain", {"step": step}))
-        barrier(d)
 
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = progress(end, "pretrain", d, initial=step)
@@ -98,7 +84,7 @@ def train(cfg: PretrainConfig, out: str = "runs/pretrain", resume: bool = False)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}")
         if step % cfg.save_every == 0 or step == end:
-            save()
+            run.save(step)
     bar.close()
     last_eval = eval_loss(model, val_windows)
     if d.main and step >= cfg.steps:

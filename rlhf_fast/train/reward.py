@@ -15,9 +15,8 @@ import rlhf_fast as rf
 from . import checkpoint
 from .config import RewardConfig
 from .data import builtin_preferences, load_jsonl, pair_batch, shard, split_rows
-from .metrics import MetricLog, truncate_after
 from .model import sequence_scores
-from .runtime import adamw, all_mean, barrier, load_model, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
+from .runtime import StageState, adamw, all_mean, barrier, load_model, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
 
 
 def pair_scores(model, rows, tok, device):
@@ -50,23 +49,11 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     ddp = wrap_ddp(model, d)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    step = 0
-    if resume and os.path.exists(ckpt):
-        state = checkpoint.load(ckpt, {"model": model}, optimizers={"opt": opt})
-        checkpoint.set_rng_state(state["rng"], {"data": gen})
-        step = state["step"]
-        if d.main:
-            truncate_after(os.path.join(out, "metrics.jsonl"), step)
-    log = MetricLog(out, "reward", enabled=d.main, append=resume and step > 0)
+    run = StageState(out, "reward", d, {"model": model}, {"opt": opt}, {"data": gen})
+    step = run.restore(resume)["step"]
+    log = run.log
     acc_before = pairwise_accuracy(model, eval_rows, tok, d.device)
     margin = cfg.margin or None
-
-    def save():
-        if d.main:
-            checkpoint.save(ckpt, {"model": model}, optimizers={"opt": opt}, rng=checkpoint.rng_state({"data": gen}),
-                            meta=model_meta(model, "reward", {"step": step}))
-        barrier(d)
 
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = progress(end, "reward", d, initial=step)
@@ -91,7 +78,7 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}")
         if step % cfg.save_every == 0 or step == end:
-            save()
+            run.save(step)
     bar.close()
     acc_after = pairwise_accuracy(model, eval_rows, tok, d.device)
     acc_new = pairwise_accuracy(model, new_rows, tok, d.device) if new_rows else None

@@ -149,3 +149,35 @@ def answer_accuracy(model, rows: list[dict], tok: CharTokenizer, device, **kw) -
     got = answers(model, [r["prompt"] for r in rows], tok, device, **kw)
     want = [r.get("answer", r.get("response", "")).strip() for r in rows]
     return sum(g == w for g, w in zip(got, want)) / len(rows)
+
+
+class StageState:
+    """A stage's resumable state in ``<out>/ckpt.safetensors``: models, optimizers, data generators
+    and the step, written atomically by ``save`` and read back by ``restore`` (exact resume), and the
+    stage's metric log, cut back to the restored step so a resumed curve has no duplicates."""
+
+    def __init__(self, out: str, stage: str, d: "Dist", modules: dict, optimizers: dict, generators: dict):
+        self.out, self.stage, self.d = out, stage, d
+        self.path = os.path.join(out, "ckpt.safetensors")
+        self.modules, self.optimizers, self.generators = modules, optimizers, generators
+
+    def restore(self, resume: bool) -> dict:
+        """Load the checkpoint when resuming; returns its meta ({"step": 0} when starting afresh)."""
+        from .metrics import MetricLog, truncate_after
+
+        state = {"step": 0}
+        if resume and os.path.exists(self.path):
+            state = checkpoint.load(self.path, self.modules, optimizers=self.optimizers)
+            checkpoint.set_rng_state(state["rng"], self.generators)
+            if self.d.main:
+                truncate_after(os.path.join(self.out, "metrics.jsonl"), state["step"])
+        self.log = MetricLog(self.out, self.stage, enabled=self.d.main, append=resume and state["step"] > 0)
+        return state
+
+    def save(self, step: int, **meta) -> None:
+        if self.d.main:
+            first = next(iter(self.modules.values()))
+            checkpoint.save(self.path, self.modules, optimizers=self.optimizers,
+                            rng=checkpoint.rng_state(self.generators),
+                            meta=model_meta(first, self.stage, {"step": step, **meta}))
+        barrier(self.d)

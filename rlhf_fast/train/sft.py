@@ -14,8 +14,7 @@ import rlhf_fast as rf
 from . import checkpoint
 from .config import SFTConfig
 from .data import builtin_sft, load_jsonl, sft_batch, shard, split_rows
-from .metrics import MetricLog, truncate_after
-from .runtime import (adamw, all_mean, answer_accuracy, barrier, load_model, lr_at, model_meta, progress, set_lr,
+from .runtime import (StageState, adamw, all_mean, answer_accuracy, barrier, load_model, lr_at, model_meta, progress, set_lr,
                       setup, wrap_ddp)
 
 
@@ -39,23 +38,11 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
     ddp = wrap_ddp(model, d)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    step = 0
-    if resume and os.path.exists(ckpt):
-        state = checkpoint.load(ckpt, {"model": model}, optimizers={"opt": opt})
-        checkpoint.set_rng_state(state["rng"], {"data": gen})
-        step = state["step"]
-        if d.main:
-            truncate_after(os.path.join(out, "metrics.jsonl"), step)
-    log = MetricLog(out, "sft", enabled=d.main, append=resume and step > 0)
+    run = StageState(out, "sft", d, {"model": model}, {"opt": opt}, {"data": gen})
+    step = run.restore(resume)["step"]
+    log = run.log
     acc_before = answer_accuracy(model, eval_rows, tok, d.device)
     eval_batch = sft_batch(eval_rows, tok)
-
-    def save():
-        if d.main:
-            checkpoint.save(ckpt, {"model": model}, optimizers={"opt": opt}, rng=checkpoint.rng_state({"data": gen}),
-                            meta=model_meta(model, "sft", {"step": step}))
-        barrier(d)
 
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = progress(end, "sft", d, initial=step)
@@ -82,7 +69,7 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}")
         if step % cfg.save_every == 0 or step == end:
-            save()
+            run.save(step)
     bar.close()
     acc_after = answer_accuracy(model, eval_rows, tok, d.device)
     train_acc = answer_accuracy(model, train_rows, tok, d.device)
