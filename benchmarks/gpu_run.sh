@@ -9,7 +9,7 @@
 # Every part has a time budget and the script goes on past failures; what was measured is always
 # written. Optional: a .whl/ folder of wheels (pytest, matplotlib, ...) installed first, offline.
 # Knobs (environment): GPU_RUN_TOTAL_S (default 560), GPU_RUN_BUILD_S (240), GPU_RUN_TESTS_S (180),
-# GPU_RUN_SKIP=build,tests,bench,compile,plots  GPU_RUN_BENCH_ARGS (extra args for python -m benchmarks),
+# GPU_RUN_SKIP=build,tests,bench,compile,trainer,plots  GPU_RUN_BENCH_ARGS (extra args for python -m benchmarks),
 # GPU_RUN_RESULTS (results folder), PYTHON (interpreter), RLHF_FAST_GIT_COMMIT (recorded in results).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -168,7 +168,7 @@ else
   elif [ "$(left)" -lt 60 ]; then
     log "bench: torch.compile pass skipped: only $(left)s left"
   else
-    B=$(budget "$(left)" 25)
+    B=$(budget "$(left)" 95)  # keeps time for the trainer comparison below
     log "bench: pass 2 (torch.compile vs reference, limit ${B}s)"
     # shellcheck disable=SC2086
     limited "$B" "$LOG" "$PY" -m benchmarks $BENCH_ARGS --backends reference --peers torch.compile \
@@ -181,6 +181,18 @@ else
   else
     log "bench: no results.json written"
   fi
+fi
+
+# ---------------------------------------------------------------- PPO trainer: rf ops vs reference ops
+if skipped trainer || [ "$DRY" = 1 ]; then
+  log "trainer: skipped (GPU_RUN_SKIP or dry run)"
+elif [ "$(left)" -lt 60 ]; then
+  log "trainer: skipped: only $(left)s left"
+else
+  B=$(budget "$(left)" 15)
+  log "trainer: python -m benchmarks.ppo_trainer (limit ${B}s)"
+  limited "$B" "$LOG" "$PY" -m benchmarks.ppo_trainer --device "$DEVICE" --out "$RES" \
+    && cat "$RES/ppo_trainer.md" >>"$LOG" || { log "trainer: FAILED or cut short"; FAILED="$FAILED trainer"; }
 fi
 
 # ---------------------------------------------------------------- collect
