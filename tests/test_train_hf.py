@@ -185,6 +185,18 @@ def test_reward_model_straight_from_hf(hf_dirs, tmp_path):
     assert checkpoint.meta(os.path.join(out, "model.safetensors"))["head"] == "value"
 
 
+def test_a_bf16_checkpoint_loads_with_both_heads(hf_dirs, tmp_path):
+    """A model saved in bf16 loads in bf16; the fp32 value head must still apply (it failed on dtype)."""
+    path = str(tmp_path / "bf16")
+    transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["llama"]).to(torch.bfloat16).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    x = torch.tensor([char_tokenizer().encode(TEXTS[1])])
+    for head, shape in (("lm", (1, x.shape[1], len(CharTokenizer.chars) + 3)), ("value", tuple(x.shape))):
+        model, _ = load_model(f"hf:{path}", head, "cpu")
+        out = model(x)
+        assert out.shape == shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_hf_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="could not load a causal LM"):

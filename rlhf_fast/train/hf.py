@@ -67,7 +67,8 @@ class HFModel(nn.Module):
                       output_hidden_states=self.head_kind == "value", use_cache=False)
         if self.head_kind == "lm":
             return out.logits.float()
-        return self.head(out.hidden_states[-1]).squeeze(-1).float()
+        # the new head is fp32 whatever the model's dtype (a bf16 checkpoint loads as bf16)
+        return self.head(out.hidden_states[-1].float()).squeeze(-1)
 
 
 def _zero_dropout_config(config):
