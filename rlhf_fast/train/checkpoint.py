@@ -23,10 +23,15 @@ def _unwrap(m):
 def save(path: str, modules: dict, *, optimizers: dict | None = None, rng: dict | None = None, meta: dict | None = None):
     from safetensors.torch import save_file
 
-    tensors, optim_meta = {}, {}
+    tensors, optim_meta, seen = {}, {}, set()
     for name, m in modules.items():
         for k, v in _unwrap(m).state_dict().items():
-            tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
+            v = v.detach().contiguous().cpu()
+            ptr = v.untyped_storage().data_ptr()
+            # tied weights (a Hugging Face model's lm_head = embedding) share storage, which
+            # safetensors refuses: store a copy under the second name; loading fills both again
+            tensors[f"{name}.{k}"] = v.clone() if ptr in seen else v
+            seen.add(ptr)
     for name, opt in (optimizers or {}).items():
         sd = opt.state_dict()
         for pid, st in sd["state"].items():

@@ -2,7 +2,9 @@
 
 The wrapper gives it the interface of model.Transformer: forward(idx, pad_mask) -> logits [B, T, V] or,
 with head="value", values [B, T] from a new scalar head on the last hidden state; generation
-recomputes the prefix each step (no rlhf_fast KV cache). transformers is imported only here.
+recomputes the prefix each step (no rlhf_fast KV cache). Dropout is switched off, as model.Transformer
+has none: PPO's old and new log-probs must come from the same deterministic function, else the ratio
+is noise. transformers is imported only here.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class HFTokenizer:
         ids = [int(i) for i in ids]
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
-        return self.tok.decode(ids, skip_special_tokens=True)
+        # no clean-up of spaces: the text must be what the tokens spell (answers are compared exactly)
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class HFModel(nn.Module):
@@ -64,7 +67,18 @@ class HFModel(nn.Module):
                       output_hidden_states=self.head_kind == "value", use_cache=False)
         if self.head_kind == "lm":
             return out.logits.float()
-        return self.head(out.hidden_states[-1]).squeeze(-1).float()
+        # the new head is fp32 whatever the model's dtype (a bf16 checkpoint loads as bf16)
+        return self.head(out.hidden_states[-1].float()).squeeze(-1)
+
+
+def _zero_dropout_config(config):
+    """Zero the config's dropout rates (``attention_dropout``, ``resid_pdrop``, ...) before the model is
+    built: some attention implementations copy them into plain float attributes."""
+    for k, v in vars(config).items():
+        if isinstance(v, float) and ("dropout" in k or k.endswith("pdrop")):
+            setattr(config, k, 0.0)
+        elif hasattr(v, "to_dict") and hasattr(v, "model_type"):  # a nested (text) config
+            _zero_dropout_config(v)
 
 
 def load_hf(path: str, head: str, device):
@@ -72,9 +86,18 @@ def load_hf(path: str, head: str, device):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"init=hf:{path}: not a local folder with a transformers model "
                                 "(config.json and weights); nothing is downloaded")
+    path = os.path.abspath(path)  # checkpoints record it: they must load from any working directory
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        _zero_dropout_config(config)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True)
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"init=hf:{path}: could not load a causal LM and its tokenizer: {e}") from None
+    for m in model.modules():  # and any dropout module the config does not describe
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise ValueError(f"init=hf:{path}: the tokenizer has {len(tok)} tokens but the model's embedding "
+                         f"only {model.get_input_embeddings().num_embeddings}")
     return HFModel(model, path, head).to(device), HFTokenizer(tok)
