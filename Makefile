@@ -14,7 +14,7 @@ $(BIN)/activate:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.deps: $(BIN)/activate
-	$(BIN)/pip install -q "$(TORCH)" "numpy<2.4" tqdm safetensors matplotlib tensorboard pytest pytest-benchmark ninja pybind11
+	$(BIN)/pip install -q "$(TORCH)" "numpy<2.4" tqdm safetensors matplotlib tensorboard pytest pytest-benchmark ninja pybind11 transformers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
