@@ -4,8 +4,8 @@
 // GRPO out = y / (σ + eps), RLOO out = s - (Σs - s)/(n-1).
 // Backward: centering and RLOO are symmetric linear maps (their own adjoints); GRPO with std, with
 // D = σ + eps:  d s_j = (g_j - mean(g)) / D - y_j · Σ_i g_i·y_i / (D²·(n-1)·σ).
-// For a constant group (σ = 0) the σ term is dropped: torch's std backward gives nan there, we give
-// the finite (g - mean(g)) / eps (as the Triton backend does).
+// For a constant group (σ = 0) the σ term is dropped, as torch's std backward does (it is 0 at σ = 0):
+// the gradient is (g - mean(g)) / eps, as in the reference.
 #pragma once
 #include <cstdint>
 
