@@ -34,6 +34,20 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // (d loss / d returns = -(d loss/d values + d loss/d old_values))
   m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "
         "str agg) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- group advantages and shaped rewards (advantages_cpu.cpp, advantages_cuda.cu) ----
+  // scores [B] fp32/fp64 as [B / group_size, group_size] -> GRPO advantages [B]
+  m.def("grpo_advantages_fwd(Tensor scores, int group_size, bool normalize_std, float eps) -> Tensor");
+  // -> grad_scores [B] (scores are read only with normalize_std)
+  m.def("grpo_advantages_bwd(Tensor grad, Tensor scores, int group_size, bool normalize_std, float eps) -> Tensor");
+  // -> RLOO advantages [B]; a symmetric linear map, so it is also its own backward
+  m.def("rloo_advantages_fwd(Tensor scores, int group_size) -> Tensor");
+  // score [B], logp, ref_logp [B, T] of one dtype (fp32/fp64), mask [B, T] bool, estimator as kl_fwd
+  // -> rewards [B, T], d rewards / d logp [B, T], last valid position per row [B] int64 (-1: none)
+  m.def("kl_penalized_rewards_fwd(Tensor score, Tensor logp, Tensor ref_logp, Tensor mask, float beta, "
+        "str estimator) -> (Tensor, Tensor, Tensor)");
+  // (grad_rewards, d rewards / d logp, last) -> grad_score [B], grad_logp, grad_ref_logp [B, T]
+  m.def("kl_penalized_rewards_bwd(Tensor grad_rewards, Tensor d_logp, Tensor last) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import rlhf_fast._C` loads this library (running the registrations above); the module is empty.

@@ -184,3 +184,85 @@ if LOADED:
                        ("ppo_value_loss", ppo_value_loss)):
         _backend.register(_name, "cpu")(_fn)
         _backend.register(_name, "cuda")(_fn)
+
+    # ------------------------------------------------------------------ group advantages, shaped rewards
+    # (advantages_cpu.cpp / advantages_cuda.cu). Math in fp32 (fp64 if an input is fp64), as the reference.
+    @torch.library.register_fake("rlhf_fast::grpo_advantages_fwd")
+    def _(scores, group_size, normalize_std, eps):
+        torch._check(scores.dim() == 1, lambda: "grpo_advantages: scores must be 1-D")
+        return torch.empty_like(scores)
+
+    @torch.library.register_fake("rlhf_fast::grpo_advantages_bwd")
+    def _(grad, scores, group_size, normalize_std, eps):
+        return torch.empty_like(scores)
+
+    @torch.library.register_fake("rlhf_fast::rloo_advantages_fwd")
+    def _(scores, group_size):
+        torch._check(scores.dim() == 1, lambda: "rloo_advantages: scores must be 1-D")
+        return torch.empty_like(scores)
+
+    def _grpo_setup(ctx, inputs, output):
+        scores, ctx.group_size, ctx.normalize_std, ctx.eps = inputs
+        ctx.save_for_backward(scores)
+
+    def _grpo_backward(ctx, g):
+        (scores,) = ctx.saved_tensors
+        return ops.grpo_advantages_bwd(g.contiguous(), scores, ctx.group_size, ctx.normalize_std, ctx.eps), \
+            None, None, None
+
+    def _rloo_setup(ctx, inputs, output):
+        ctx.group_size = inputs[1]
+
+    def _rloo_backward(ctx, g):  # a symmetric linear map: its own adjoint
+        return ops.rloo_advantages_fwd(g.contiguous(), ctx.group_size), None
+
+    torch.library.register_autograd("rlhf_fast::grpo_advantages_fwd", _grpo_backward, setup_context=_grpo_setup)
+    torch.library.register_autograd("rlhf_fast::rloo_advantages_fwd", _rloo_backward, setup_context=_rloo_setup)
+
+    def grpo_advantages(scores, group_size, normalize_std=True, eps=1e-6):
+        return ops.grpo_advantages_fwd(scores.to(_math_dtype(scores)), int(group_size), bool(normalize_std),
+                                       float(eps))
+
+    def rloo_advantages(scores, group_size):
+        return ops.rloo_advantages_fwd(scores.to(_math_dtype(scores)), int(group_size))
+
+    def reinforce_pp_returns(rewards, mask, gamma=1.0):
+        # reference: gae with values = 0, lam = 1 (its advantages are the discounted returns)
+        r = rewards.to(_math_dtype(rewards))
+        adv, _ = ops.gae_fwd(r, torch.zeros_like(r), mask.bool(), float(gamma), 1.0)
+        return adv.to(rewards.dtype)
+
+    @torch.library.register_fake("rlhf_fast::kl_penalized_rewards_fwd")
+    def _(score, logp, ref_logp, mask, beta, estimator):
+        torch._check(logp.dim() == 2 and logp.shape == ref_logp.shape and logp.shape == mask.shape,
+                     lambda: "kl_penalized_rewards: logp, ref_logp, mask must be [B, T] of one shape")
+        return torch.empty_like(logp), torch.empty_like(logp), logp.new_empty(logp.shape[0], dtype=torch.int64)
+
+    @torch.library.register_fake("rlhf_fast::kl_penalized_rewards_bwd")
+    def _(grad_rewards, d_logp, last):
+        return d_logp.new_empty(d_logp.shape[0]), torch.empty_like(d_logp), torch.empty_like(d_logp)
+
+    def _kl_rewards_setup(ctx, inputs, output):
+        _, d_logp, last = output
+        ctx.mark_non_differentiable(d_logp, last)
+        ctx.save_for_backward(d_logp, last)
+
+    def _kl_rewards_backward(ctx, g, _g_d, _g_last):
+        d_logp, last = ctx.saved_tensors
+        g_score, g_lp, g_ref = ops.kl_penalized_rewards_bwd(g.contiguous(), d_logp, last)
+        return g_score, g_lp, g_ref, None, None, None
+
+    torch.library.register_autograd("rlhf_fast::kl_penalized_rewards_fwd", _kl_rewards_backward,
+                                    setup_context=_kl_rewards_setup)
+
+    def kl_penalized_rewards(score, logp, ref_logp, mask, beta, estimator="k1"):
+        dt = _math_dtype(score, logp, ref_logp)
+        out, _, _ = ops.kl_penalized_rewards_fwd(score.to(dt), logp.to(dt), ref_logp.to(dt), mask.bool(), float(beta),
+                                                 estimator)
+        return out
+
+    for _name, _fn in (("grpo_advantages", grpo_advantages), ("rloo_advantages", rloo_advantages),
+                       ("reinforce_pp_returns", reinforce_pp_returns),
+                       ("kl_penalized_rewards", kl_penalized_rewards)):
+        _backend.register(_name, "cpu")(_fn)
+        _backend.register(_name, "cuda")(_fn)

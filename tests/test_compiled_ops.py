@@ -261,3 +261,204 @@ def test_loss_ops_reject_bad_input_in_cpp():
         ops.ppo_policy_loss_fwd(x, x.double(), x, x > 0, 0.2, 0.2, None, "token-mean")
     with pytest.raises(RuntimeError, match="need \\[B, T\\]"):
         ops.ppo_policy_loss_fwd(x[0], x[0], x[0], x[0] > 0, 0.2, 0.2, None, "seq-mean-token-sum")
+
+
+# ----------------------------------------------------------------------------- group advantages, shaped rewards
+ADV_OPS = ("grpo_advantages_fwd", "grpo_advantages_bwd", "rloo_advantages_fwd", "kl_penalized_rewards_fwd",
+           "kl_penalized_rewards_bwd")
+
+
+def test_advantage_kernels_registered():
+    keys = ["CPU"] + (["CUDA"] if _compiled.has_kernel("gae_fwd", "CUDA") else [])
+    for op in ADV_OPS:
+        for key in keys:
+            assert _compiled.has_kernel(op, key), (op, key)
+    for name in ("grpo_advantages", "rloo_advantages", "reinforce_pp_returns", "kl_penalized_rewards"):
+        assert BACKEND in rf.backends_for(name, DEVICE), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("group_size", [1, 2, 5])
+def test_opcheck_group_advantages(dtype, group_size):
+    s = torch.randn(4 * group_size, dtype=dtype, device=DEVICE, requires_grad=True)
+    g = torch.randn(4 * group_size, dtype=dtype, device=DEVICE)
+    torch.library.opcheck(ops.grpo_advantages_fwd, (s, group_size, False, 1e-6))
+    torch.library.opcheck(ops.grpo_advantages_bwd, (g, s.detach(), group_size, False, 1e-6))
+    if group_size > 1:
+        torch.library.opcheck(ops.grpo_advantages_fwd, (s, group_size, True, 1e-6))
+        torch.library.opcheck(ops.grpo_advantages_bwd, (g, s.detach(), group_size, True, 1e-6))
+        torch.library.opcheck(ops.rloo_advantages_fwd, (s, group_size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs", "k3+"])
+def test_opcheck_kl_penalized_rewards(dtype, estimator):
+    score = torch.randn(4, dtype=dtype, device=DEVICE, requires_grad=True)
+    logp, ref_logp = (-torch.rand(4, 9, dtype=dtype, device=DEVICE).requires_grad_() for _ in range(2))
+    mask = torch.rand(4, 9, device=DEVICE) > 0.4
+    mask[1] = False  # a row without a valid token
+    torch.library.opcheck(ops.kl_penalized_rewards_fwd, (score, logp, ref_logp, mask, 0.05, estimator))
+    _, d, last = ops.kl_penalized_rewards_fwd(score, logp, ref_logp, mask, 0.05, estimator)
+    torch.library.opcheck(ops.kl_penalized_rewards_bwd, (torch.randn_like(d), d, last))
+
+
+@pytest.mark.parametrize("group_size,G", [(1, 5), (2, 7), (5, 3), (16, 9), (100, 3), (40, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_group_advantages_against_reference(group_size, G, dtype):
+    s = torch.randn(G * group_size, dtype=torch.float64)
+    tol = OUT_TOL[torch.float32] if dtype != torch.float64 else 1e-10
+    _compare(lambda x: rf.grpo_advantages(x, group_size, normalize_std=False, backend=BACKEND),
+             lambda x: ref.grpo_advantages(x, group_size, False), [s], dtype, tol)
+    if group_size == 1:
+        return
+    _compare(lambda x: rf.rloo_advantages(x, group_size, backend=BACKEND),
+             lambda x: ref.rloo_advantages(x, group_size), [s], dtype, tol)
+    # pairs: the normalised output is ±1/√2 up to eps, its gradient O(eps) cancels catastrophically
+    # in fp32 (see test_rl_kernels_triton.test_group_advantages_fuzz): their gradient is checked in fp64
+    if group_size > 2 or dtype == torch.float64:
+        _compare(lambda x: rf.grpo_advantages(x, group_size, backend=BACKEND),
+                 lambda x: ref.grpo_advantages(x, group_size), [s], dtype, tol if group_size > 2 else 1e-6)
+    else:
+        out = rf.grpo_advantages(s.to(DEVICE, dtype), group_size, backend=BACKEND)
+        assert_rel(out, ref.grpo_advantages(s.to(dtype).double(), group_size), tol, "grpo pairs")
+
+
+def test_group_advantages_dtypes_and_strides():
+    s = torch.randn(24, dtype=torch.float64, device=DEVICE)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = s.to(dtype)
+        for fn, r in ((lambda x: rf.grpo_advantages(x, 4, backend=BACKEND), ref.grpo_advantages(x, 4)),
+                      (lambda x: rf.rloo_advantages(x, 4, backend=BACKEND), ref.rloo_advantages(x, 4))):
+            out = fn(x)
+            assert out.dtype == r.dtype  # fp32 for half inputs, as the reference
+            leaf = x.clone().requires_grad_()
+            fn(leaf).sum().backward()
+            assert leaf.grad.dtype == dtype
+    base = torch.randn(30, 3, dtype=torch.float64, device=DEVICE)
+    x = base[:, 1]  # strided
+    assert_rel(rf.grpo_advantages(x, 5, backend=BACKEND), ref.grpo_advantages(x, 5), 1e-12, "strided grpo")
+    assert_rel(rf.rloo_advantages(x, 6, backend=BACKEND), ref.rloo_advantages(x, 6), 1e-12, "strided rloo")
+    assert rf.grpo_advantages(torch.zeros(0, device=DEVICE), 3, backend=BACKEND).shape == (0,)
+
+
+def test_grpo_constant_group_and_group_size_one():
+    # a constant group: output 0; torch's std backward is 0 at σ = 0, so the gradient is
+    # (g - mean(g)) / eps in the reference, and so it is here (the σ term dropped)
+    s = torch.tensor([1.5, 1.5, 1.5, 0.0, 1.0, 2.0], dtype=torch.float64, device=DEVICE)
+    g = torch.tensor([1.0, -2.0, 4.0, 0.5, 0.25, -1.0], dtype=torch.float64, device=DEVICE)
+    x = s.clone().requires_grad_()
+    out = rf.grpo_advantages(x, 3, backend=BACKEND)
+    assert torch.equal(out[:3].detach(), torch.zeros(3, dtype=torch.float64, device=DEVICE))
+    (out * g).sum().backward()
+    assert torch.allclose(x.grad[:3], (g[:3] - g[:3].mean()) / 1e-6)
+    x64 = s.clone().requires_grad_()
+    (ref.grpo_advantages(x64, 3) * g).sum().backward()
+    assert_rel(x.grad, x64.grad, 1e-12, "constant group")
+    # group_size 1 without std: s - s = 0, zero gradient (with std the public API rejects it)
+    x = torch.randn(5, device=DEVICE, requires_grad=True)
+    out = rf.grpo_advantages(x, 1, normalize_std=False, backend=BACKEND)
+    out.sum().backward()
+    assert not out.any() and not x.grad.any()
+
+
+def _rewards_mask(B, T, kind):
+    pos = torch.arange(T)
+    lengths = torch.randint(1, T + 1, (B,))
+    if kind == "right":
+        m = pos[None] < lengths[:, None]
+    elif kind == "left":
+        m = pos[None] >= (T - lengths)[:, None]
+    elif kind == "holes":
+        m = torch.rand(B, T) > 0.4
+    else:  # every other row without a valid token
+        m = torch.rand(B, T) > 0.5
+        m[::2] = False
+    return m.to(DEVICE)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"])
+@pytest.mark.parametrize("kind", ["right", "left", "holes", "empty_rows"])
+@pytest.mark.parametrize("T", [1, 45, 1500])
+def test_kl_penalized_rewards_against_reference(estimator, kind, T):
+    B = 3
+    score = torch.randn(B, dtype=torch.float64)
+    logp = -torch.rand(B, T, dtype=torch.float64) * 2
+    ref_logp = logp + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    mask = _rewards_mask(B, T, kind)
+    for dtype in (torch.float32, torch.float64):
+        _compare(lambda *a: rf.kl_penalized_rewards(*a, mask, beta=0.05, estimator=estimator, backend=BACKEND),
+                 lambda *a: ref.kl_penalized_rewards(*a, mask, 0.05, estimator), [score, logp, ref_logp], dtype)
+
+
+def test_kl_penalized_rewards_masks_dtypes_and_score_gradient():
+    B, T = 4, 7
+    score = torch.randn(B, dtype=torch.float64, device=DEVICE)
+    logp = -torch.rand(B, T, dtype=torch.float64, device=DEVICE)
+    ref_logp = -torch.rand(B, T, dtype=torch.float64, device=DEVICE)
+    m = torch.tensor([[1, 1, 0, 1, 0, 0, 0], [0] * 7, [0, 0, 0, 0, 0, 0, 1], [1] * 7], device=DEVICE)
+    want = ref.kl_penalized_rewards(score, logp, ref_logp, m, 0.1, "k3")
+    for mask in (m, m.bool(), m.double() * 0.5):  # masks: nonzero = valid, any dtype
+        assert_rel(rf.kl_penalized_rewards(score, logp, ref_logp, mask, beta=0.1, estimator="k3", backend=BACKEND),
+                   want, 1e-12, "mask dtype")
+    x = score.clone().requires_grad_()
+    g = torch.randn(B, T, dtype=torch.float64, device=DEVICE)
+    (rf.kl_penalized_rewards(x, logp, ref_logp, m, beta=0.1, backend=BACKEND) * g).sum().backward()
+    assert torch.equal(x.grad, torch.stack([g[0, 3], torch.zeros((), dtype=g.dtype, device=DEVICE), g[2, 6], g[3, 6]]))
+    # mixed dtypes: math (and output) in fp64 when any input is fp64, as the reference
+    out = rf.kl_penalized_rewards(score, logp.float(), ref_logp.bfloat16(), m, beta=0.1, backend=BACKEND)
+    r = ref.kl_penalized_rewards(score, logp.float(), ref_logp.bfloat16(), m, 0.1)
+    assert out.dtype == r.dtype == torch.float64
+    assert_rel(out, r, OUT_TOL[torch.float32], "mixed dtypes")  # the reference's kl is fp32 here, ours fp64
+    for dtype in (torch.bfloat16, torch.float16):
+        lp = logp.to(dtype).requires_grad_()
+        out = rf.kl_penalized_rewards(score.to(dtype), lp, ref_logp.to(dtype), m, beta=0.1, backend=BACKEND)
+        assert out.dtype == torch.float32
+        out.sum().backward()
+        assert lp.grad.dtype == dtype
+    e = torch.zeros(0, 5, device=DEVICE)
+    assert rf.kl_penalized_rewards(torch.zeros(0, device=DEVICE), e, e, e, beta=0.1, backend=BACKEND).shape == (0, 5)
+
+
+@pytest.mark.parametrize("B,T,kind", [(3, 1, "right"), (3, 1, "empty_rows"), (3, 37, "holes"), (4, 37, "empty_rows"),
+                                      (1, 1100, "left")])
+def test_reinforce_pp_returns_against_reference(B, T, kind):
+    r = torch.randn(B, T, dtype=torch.float64)
+    mask = _rewards_mask(B, T, kind)
+    for dtype in (torch.float32, torch.float64):
+        _compare(lambda x: rf.reinforce_pp_returns(x, mask, gamma=0.99, backend=BACKEND),
+                 lambda x: ref.reinforce_pp_returns(x, mask, 0.99), [r], dtype)
+    out = rf.reinforce_pp_returns(r.to(DEVICE, torch.bfloat16), mask, gamma=0.99, backend=BACKEND)
+    assert out.dtype == torch.bfloat16  # as the reference (gae returns the values' dtype)
+
+
+def test_advantages_under_torch_compile():
+    s = torch.randn(12, device=DEVICE, requires_grad=True)
+    logp = -torch.rand(3, 8, device=DEVICE, requires_grad=True)
+    ref_logp = -torch.rand(3, 8, device=DEVICE)
+    mask = torch.rand(3, 8, device=DEVICE) > 0.3
+
+    def f(s, logp):
+        a = rf.grpo_advantages(s, 4, backend=BACKEND) + rf.rloo_advantages(s, 3, backend=BACKEND)
+        rew = rf.kl_penalized_rewards(a[:3], logp, ref_logp, mask, beta=0.1, estimator="k3+", backend=BACKEND)
+        return (rf.reinforce_pp_returns(rew, mask, gamma=0.9, backend=BACKEND) ** 2).sum()
+
+    out = torch.compile(f, fullgraph=True)(s, logp)
+    grads = torch.autograd.grad(out, (s, logp))
+    out_e = f(s, logp)
+    grads_e = torch.autograd.grad(out_e, (s, logp))
+    assert torch.allclose(out, out_e)
+    for g, g_e in zip(grads, grads_e):
+        assert torch.allclose(g, g_e, atol=1e-6)
+
+
+def test_advantage_ops_reject_bad_input_in_cpp():
+    x = torch.randn(6, device=DEVICE)
+    with pytest.raises(RuntimeError, match="divide"):
+        ops.grpo_advantages_fwd(x, 4, True, 1e-6)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.rloo_advantages_fwd(x.half(), 3)
+    y = torch.randn(2, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="unknown estimator"):
+        ops.kl_penalized_rewards_fwd(y[:, 0], y, y, y > 0, 0.1, "k9")
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        ops.kl_penalized_rewards_fwd(y[:, 0], y, y, y, 0.1, "k1")
