@@ -5,7 +5,8 @@ Centering (GRPO without std) and RLOO are linear and self-adjoint (symmetric mat
 I - 11ᵀ/n and n/(n-1)·I - 11ᵀ/(n-1)), so their backward is the same kernel run on the upstream
 gradient. GRPO with std has its own backward: with y = s - mean, σ the unbiased std, D = σ + eps,
   d s_j = (g_j - mean(g)) / D - (Σ_i g_i·y_i) · y_j / (D²·(n-1)·σ)
-(the σ term is dropped for a constant group, where σ = 0 and torch's std backward gives nan).
+(the σ term is dropped for a constant group, where σ = 0: y = 0 there, so this is the limit, and
+torch's std backward, which gives 0 at σ = 0, agrees).
 
 kl_penalized_rewards: one program per row, walking the row backwards in chunks so the last valid
 position is found on the way (one read); the forward also writes -β·d kl / d logp, the backward is
