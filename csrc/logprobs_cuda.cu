@@ -3,6 +3,7 @@
 // thread keeping an online (max m, s = Σ e^{z-m}, t = Σ e^{z-m}(z-m)) triple, merged by warp shuffles
 // and then across warps through shared memory in a fixed order (deterministic). Backward: one read and
 // one write per element, p recomputed from the saved logsumexp; optionally into the logits buffer.
+// Row helpers (online triple, merges, packs, per-element gradient): logprobs_row_cuda.cuh.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
