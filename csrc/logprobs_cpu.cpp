@@ -1,6 +1,5 @@
 // logprobs on the CPU: one pass over each row in the forward (online max / sum-exp / Σp·z), one
-// read + one write in the backward (p recomputed from the saved logsumexp). No [N, V] temporary:
-// each row is converted to the math type chunk by chunk in a small stack buffer.
+// read + one write in the backward (p recomputed from the saved logsumexp). Row loops: logprobs_row.h.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,57 +10,10 @@
 #include <algorithm>
 #include <tuple>
 
-#include "cpu_math.h"
+#include "logprobs_row.h"
 
 namespace rlhf_fast {
 namespace {
-
-constexpr int64_t kChunk = 1024;
-
-template <typename acc_t>
-struct RowStats {
-  acc_t lse, entropy;
-};
-
-// Online softmax statistics of z = x·inv_t over one row: m (running max), s = Σ exp(z - m),
-// t = Σ exp(z - m)·(z - m). When the max moves from m to m', s and t are rescaled by exp(m - m')
-// (and t shifted by (m - m')·s). At the end lse = m + log s and H = log s - t / s.
-template <typename scalar_t, typename acc_t>
-RLHF_FAST_SIMD_CLONES RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t m = neg_inf, s = 0, t = 0;
-  acc_t buf[kChunk];
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - c0);
-    acc_t cmax = neg_inf;
-#pragma omp simd reduction(max : cmax)
-    for (int64_t i = 0; i < n; ++i) {
-      buf[i] = static_cast<acc_t>(x[c0 + i]) * inv_t;
-      cmax = std::max(cmax, buf[i]);
-    }
-    if (cmax == neg_inf) continue;  // all -inf so far: contributes nothing
-    if (cmax > m) {
-      if (m != neg_inf) {
-        const acc_t d = m - cmax, scale = exp_nonpos(d);
-        t = scale * (t + d * s);
-        s = scale * s;
-      }
-      m = cmax;
-    }
-    acc_t cs = 0, ct = 0;
-#pragma omp simd reduction(+ : cs, ct)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t w = buf[i] - m;
-      const acc_t e = exp_nonpos(w);
-      cs += e;
-      ct += e * clamp_low(w);
-    }
-    s += cs;
-    t += ct;
-  }
-  const acc_t log_s = std::log(s);
-  return {m + log_s, log_s - t / s};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
                                                                  const at::Tensor& labels,
@@ -90,39 +42,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
         }
         const scalar_t* row = x + r * row_stride;
         const RowStats<acc_t> st = row_stats<scalar_t, acc_t>(row, V, inv_t);
-        lp[r] = static_cast<acc_t>(row[y[r]]) * inv_t - st.lse;
+        lp[r] = (static_cast<acc_t>(row[y[r]]) - st.m) * inv_t - st.log_s;
         ent[r] = st.entropy;
-        ls[r] = st.lse;
+        ls[r] = st.m * inv_t + st.log_s;
       }
     });
   });
   return {logp, entropy, lse};
-}
-
-// One row of the backward: grad_x = a·(onehot - p) - b·p·(z - lse + H), with a = g_lp/T, b = g_ent/T.
-// `out` may be `row` itself (in-place backward): each entry is read before it is written.
-template <typename scalar_t, typename acc_t>
-RLHF_FAST_SIMD_CLONES void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t a, acc_t b,
-                                    acc_t lse, acc_t h, acc_t inv_t) {
-  const acc_t x_label = static_cast<acc_t>(row[label]);  // before an in-place loop overwrites it
-  // chunked through a buffer of the math type so the exp loop vectorises whatever scalar_t is
-  acc_t buf[kChunk], grad[kChunk];
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - c0);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(row[c0 + i]) * inv_t - lse;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t w = buf[i];
-      const acc_t p = exp_nonpos(w);
-      grad[i] = -p * (a + b * (clamp_low(w) + h));
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[c0 + i] = static_cast<scalar_t>(grad[i]);
-  }
-  // the label's entry, recomputed so that half outputs are rounded once
-  const acc_t w = x_label * inv_t - lse, p = exp_nonpos(w);
-  out[label] = static_cast<scalar_t>(a * (1 - p) - b * p * (clamp_low(w) + h));
 }
 
 // grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z·inv_t, written to `grad`
@@ -159,7 +85,7 @@ void logprobs_bwd_into(const at::Tensor& grad, const at::Tensor& grad_logp, cons
           continue;
         }
         row_grad<scalar_t, acc_t>(x + r * row_stride, out, V, y[r], g_lp[r] * inv_t,
-                                  (g_ent ? g_ent[r] : acc_t(0)) * inv_t, l[r], h[r], inv_t);
+                                  (g_ent ? g_ent[r] : acc_t(0)) * inv_t, acc_t(0), l[r], h[r], inv_t);
       }
     });
   });

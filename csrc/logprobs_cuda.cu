@@ -3,6 +3,7 @@
 // thread keeping an online (max m, s = Σ e^{z-m}, t = Σ e^{z-m}(z-m)) triple, merged by warp shuffles
 // and then across warps through shared memory in a fixed order (deterministic). Backward: one read and
 // one write per element, p recomputed from the saved logsumexp; optionally into the logits buffer.
+// Row helpers (online triple, merges, packs, per-element gradient): logprobs_row_cuda.cuh.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -17,118 +18,10 @@
 #include <tuple>
 #include <type_traits>
 
+#include "logprobs_row_cuda.cuh"
+
 namespace rlhf_fast {
 namespace {
-
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // rows past it are covered by the grid-stride loop
-constexpr unsigned kFull = 0xffffffffu;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// VEC elements in one 16-byte load or store.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-__device__ __forceinline__ float d_exp(float x) { return expf(x); }
-__device__ __forceinline__ double d_exp(double x) { return exp(x); }
-__device__ __forceinline__ float d_log(float x) { return logf(x); }
-__device__ __forceinline__ double d_log(double x) { return log(x); }
-// As cpu_math.h: keeps p·(z - m) at 0, not nan, where z is -inf (p is 0 there).
-__device__ __forceinline__ float clamp_low(float x) { return x < -87.0f ? -87.0f : x; }
-__device__ __forceinline__ double clamp_low(double x) { return x < -745.0 ? -745.0 : x; }
-
-template <typename acc_t>
-struct Triple {
-  acc_t m, s, t;  // running max, Σ e^{z-m}, Σ e^{z-m}·(z-m); m = -inf: nothing seen yet (s = t = 0)
-};
-
-template <typename acc_t>
-__device__ __forceinline__ Triple<acc_t> empty_triple() {
-  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
-}
-
-// Moves the reference point to m_new >= st.m (finite): s·e^{d}, (t + d·s)·e^{d} with d = m - m_new.
-template <typename acc_t>
-__device__ __forceinline__ void rebase(Triple<acc_t>& st, acc_t m_new) {
-  if (st.m != -std::numeric_limits<acc_t>::infinity()) {
-    const acc_t d = st.m - m_new, e = d_exp(d);
-    st.t = e * (st.t + d * st.s);
-    st.s = e * st.s;
-  }
-  st.m = m_new;
-}
-
-// Adds n values z (n = VEC, or 1 for the head and tail): one rebase per group, as the CPU does per chunk.
-template <typename acc_t, int N>
-__device__ __forceinline__ void accumulate(Triple<acc_t>& st, const acc_t (&z)[N]) {
-  acc_t zmax = z[0];
-#pragma unroll
-  for (int k = 1; k < N; ++k) zmax = max(zmax, z[k]);
-  if (zmax == -std::numeric_limits<acc_t>::infinity()) return;  // all -inf: contributes nothing
-  if (zmax > st.m) rebase(st, zmax);
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const acc_t w = z[k] - st.m, e = d_exp(w);
-    st.s += e;
-    st.t += e * clamp_low(w);
-  }
-}
-
-// (m1,s1,t1) ⊕ (m2,s2,t2) = (m, s1·e^{m1-m} + s2·e^{m2-m}, Σ e^{mi-m}·(ti + (mi-m)·si)); an empty side
-// (m = -inf) adds nothing, so there is no inf - inf.
-template <typename acc_t>
-__device__ __forceinline__ Triple<acc_t> merge(const Triple<acc_t>& a, const Triple<acc_t>& b) {
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t m = max(a.m, b.m);
-  if (m == kNegInf) return a;
-  Triple<acc_t> r{m, acc_t(0), acc_t(0)};
-  if (a.m != kNegInf) {
-    const acc_t d = a.m - m, e = d_exp(d);
-    r.s += e * a.s;
-    r.t += e * (a.t + d * a.s);
-  }
-  if (b.m != kNegInf) {
-    const acc_t d = b.m - m, e = d_exp(d);
-    r.s += e * b.s;
-    r.t += e * (b.t + d * b.s);
-  }
-  return r;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ Triple<acc_t> warp_merge(Triple<acc_t> st) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const Triple<acc_t> o{__shfl_down_sync(kFull, st.m, off), __shfl_down_sync(kFull, st.s, off),
-                          __shfl_down_sync(kFull, st.t, off)};
-    st = merge(st, o);  // lanes >= 32 - off merge garbage; only lane 0's result is used
-  }
-  return st;
-}
-
-// The block's triple, valid in thread 0; ends with a barrier so the shared arrays can be reused.
-template <typename acc_t>
-__device__ __forceinline__ Triple<acc_t> block_merge(Triple<acc_t> st, acc_t* sm, acc_t* ss, acc_t* stt) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  st = warp_merge(st);
-  if (lane == 0) sm[warp] = st.m, ss[warp] = st.s, stt[warp] = st.t;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < n_warps ? Triple<acc_t>{sm[lane], ss[lane], stt[lane]} : empty_triple<acc_t>();
-    st = warp_merge(st);
-  }
-  __syncthreads();
-  return st;
-}
-
-// Elements before the first 16-byte boundary of a row (vector loads start there).
-template <typename T>
-__device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
-  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(T));
-  return min(V, mis ? static_cast<int64_t>(16 / sizeof(T)) - mis : int64_t(0));
-}
 
 template <typename scalar_t>
 __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels,
@@ -148,38 +41,29 @@ __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, const int64_
     Triple<acc_t> st = empty_triple<acc_t>();
     const int64_t head = head_len(row, V), n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
     for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-      const acc_t z[1] = {static_cast<acc_t>(row[i]) * inv_t};
-      accumulate(st, z);
+      const acc_t z[1] = {static_cast<acc_t>(row[i])};
+      accumulate(st, z, inv_t);
     }
     const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row + head);
     for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
       const Pack<scalar_t, VEC> p = vrow[j];
       acc_t z[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]) * inv_t;
-      accumulate(st, z);
+      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
+      accumulate(st, z, inv_t);
     }
     for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) {
-      const acc_t z[1] = {static_cast<acc_t>(row[i]) * inv_t};
-      accumulate(st, z);
+      const acc_t z[1] = {static_cast<acc_t>(row[i])};
+      accumulate(st, z, inv_t);
     }
-    st = block_merge(st, sm, ss, stt);
+    st = block_merge(st, sm, ss, stt, inv_t);
     if (threadIdx.x == 0) {
-      const acc_t log_s = d_log(st.s), l = st.m + log_s;
-      logp[r] = static_cast<acc_t>(row[label]) * inv_t - l;
+      const acc_t log_s = d_log(st.s);
+      logp[r] = (static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s;
       entropy[r] = log_s - st.t / st.s;
-      lse[r] = l;
+      lse[r] = st.m * inv_t + log_s;
     }
   }
-}
-
-// grad_x = a·(onehot - p) - b·p·(z - lse + H) with a = g_lp/T, b = g_ent/T (as row_grad in logprobs_cpu.cpp).
-template <typename acc_t>
-__device__ __forceinline__ acc_t grad_entry(acc_t x, bool is_label, acc_t a, acc_t b, acc_t lse, acc_t h,
-                                            acc_t inv_t) {
-  const acc_t w = x * inv_t - lse, p = d_exp(w);
-  const acc_t ent_term = b * p * (clamp_low(w) + h);
-  return is_label ? a * (acc_t(1) - p) - ent_term : -a * p - ent_term;
 }
 
 // `out` may alias `x` (in-place backward): every element is read before it is written, by one thread.
@@ -212,24 +96,20 @@ __global__ void logprobs_bwd_kernel(const scalar_t* x, int64_t x_stride, scalar_
     }
     const acc_t a = g_lp[r] * inv_t, b = (g_ent ? g_ent[r] : acc_t(0)) * inv_t, l = lse[r], h = entropy[r];
     for (int64_t i = threadIdx.x; i < head; i += blockDim.x)
-      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, l, h, inv_t));
+      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, acc_t(0), l, h, inv_t));
     for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
       const P p = reinterpret_cast<const P*>(row + head)[j];
       P q;
       const int64_t i0 = head + j * VEC;
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
-        q.v[k] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(p.v[k]), i0 + k == label, a, b, l, h, inv_t));
+        q.v[k] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(p.v[k]), i0 + k == label, a, b, acc_t(0), l, h, inv_t));
       reinterpret_cast<P*>(orow + head)[j] = q;
     }
     for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x)
-      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, l, h, inv_t));
+      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, acc_t(0), l, h, inv_t));
   }
 }
-
-// Threads per row: enough 16-byte loads in flight for long rows, few idle threads for short ones.
-int threads_for(int64_t V) { return V >= 32768 ? 512 : (V >= 4096 ? 256 : 128); }
-unsigned blocks_for(int64_t N) { return static_cast<unsigned>(std::min(N, kMaxBlocks)); }
 
 void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device(), "logprobs: expected CUDA tensors on one device");

@@ -48,6 +48,18 @@ TORCH_LIBRARY(rlhf_fast, m) {
         "str estimator) -> (Tensor, Tensor, Tensor)");
   // (grad_rewards, d rewards / d logp, last) -> grad_score [B], grad_logp, grad_ref_logp [B, T]
   m.def("kl_penalized_rewards_bwd(Tensor grad_rewards, Tensor d_logp, Tensor last) -> (Tensor, Tensor, Tensor)");
+
+  // ---- ppo_loss_from_logits (ppo_from_logits_*.cpp/.cu, ppo_from_logits_math.h) ----
+  // logits [N, V] (row stride free, unit column stride), labels [N] int64 (-100: ignored), old_logp,
+  // advantages, ref_logp (N elements, [B, T] for the seq-mean aggs) of one dtype fp32/fp64, mask bool or
+  // that dtype -> loss [], stats [pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl], saved [N, 8]
+  // (per-token coefficients of the backward and d loss / d old_logp, advantages, ref_logp in cols 5-7)
+  m.def("ppo_from_logits_fwd(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, Tensor mask, "
+        "Tensor? ref_logp, float kl_coef, str kl_estimator, float entropy_coef, float inv_temperature, "
+        "float clip_low, float clip_high, float? dual_clip, str agg) -> (Tensor, Tensor, Tensor)");
+  // grad_loss [] (saved's dtype) -> grad_logits [N, V] in the logits dtype
+  m.def("ppo_from_logits_bwd(Tensor grad_loss, Tensor logits, Tensor labels, Tensor saved, "
+        "float inv_temperature) -> Tensor");
 }
 
 // `import rlhf_fast._C` loads this library (running the registrations above); the module is empty.

@@ -266,3 +266,58 @@ if LOADED:
                        ("kl_penalized_rewards", kl_penalized_rewards)):
         _backend.register(_name, "cpu")(_fn)
         _backend.register(_name, "cuda")(_fn)
+
+    # ------------------------------------------------------------------ ppo_loss_from_logits
+    # Forward: one read of the logits (per-row softmax statistics), then the per-token PPO / KL / entropy
+    # terms and their aggregation, saving per token the backward's coefficients ([N, 8], see
+    # csrc/ppo_from_logits_math.h). Backward: one read of the logits and one write of grad_logits.
+    @torch.library.register_fake("rlhf_fast::ppo_from_logits_fwd")
+    def _(logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef, inv_temperature,
+          clip_low, clip_high, dual_clip, agg):
+        torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
+        return old_logp.new_empty(()), old_logp.new_empty(6), old_logp.new_empty(logits.shape[0], 8)
+
+    @torch.library.register_fake("rlhf_fast::ppo_from_logits_bwd")
+    def _(grad_loss, logits, labels, saved, inv_temperature):
+        return logits.new_empty(logits.shape)
+
+    def _from_logits_setup(ctx, inputs, output):
+        logits, labels, old_logp, advantages, _, ref_logp = inputs[:6]
+        _, stats, saved = output
+        ctx.mark_non_differentiable(stats, saved)
+        ctx.save_for_backward(logits, labels, saved)
+        ctx.inv_t = inputs[9]
+        ctx.shapes = [None if t is None else t.shape for t in (old_logp, advantages, ref_logp)]
+
+    def _from_logits_backward(ctx, g_loss, *_):
+        logits, labels, saved = ctx.saved_tensors
+        g = g_loss.to(saved.dtype)
+        need = ctx.needs_input_grad
+        d_logits = ops.ppo_from_logits_bwd(g, logits, labels, saved, ctx.inv_t) if need[0] else None
+        d_old, d_adv, d_ref = ((g * saved[:, c]).view(s) if s is not None and need[i] else None
+                               for c, s, i in zip((5, 6, 7), ctx.shapes, (2, 3, 5)))
+        return d_logits, None, d_old, d_adv, None, d_ref, *([None] * 8)
+
+    torch.library.register_autograd("rlhf_fast::ppo_from_logits_fwd", _from_logits_backward,
+                                    setup_context=_from_logits_setup)
+
+    def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=None, kl_coef=0.0,
+                             kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                             dual_clip=None, agg="token-mean"):
+        clip_high = clip_low if clip_high is None else clip_high
+        dt = _math_dtype(logits, old_logp, advantages, *(() if ref_logp is None else (ref_logp,)))
+        V = logits.shape[-1]
+        x = logits.reshape(-1, V)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        loss, st, _ = ops.ppo_from_logits_fwd(
+            x, labels.reshape(-1).long(), old_logp.to(dt), advantages.to(dt), _weights(mask, dt),
+            None if ref_logp is None else ref_logp.to(dt), float(kl_coef), kl_estimator, float(entropy_coef),
+            1.0 / temperature, float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), agg)
+        stats = {"clipfrac": st[1], "approx_kl": st[2], "dual_clipfrac": st[3], "pg_loss": st[0], "entropy": st[4]}
+        if ref_logp is not None:
+            stats["kl"] = st[5]
+        return loss, stats
+
+    _backend.register("ppo_loss_from_logits", "cpu")(ppo_loss_from_logits)
+    _backend.register("ppo_loss_from_logits", "cuda")(ppo_loss_from_logits)

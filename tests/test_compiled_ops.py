@@ -462,3 +462,111 @@ def test_advantage_ops_reject_bad_input_in_cpp():
         ops.kl_penalized_rewards_fwd(y[:, 0], y, y, y > 0, 0.1, "k9")
     with pytest.raises(RuntimeError, match="mask must be bool"):
         ops.kl_penalized_rewards_fwd(y[:, 0], y, y, y, 0.1, "k1")
+
+# ----------------------------------------------------------------------------- ppo_loss_from_logits
+FROM_LOGITS_OPS = ("ppo_from_logits_fwd", "ppo_from_logits_bwd")
+AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+
+
+def test_from_logits_kernels_registered():
+    for op in FROM_LOGITS_OPS:
+        assert _compiled.has_kernel(op, "CPU"), op
+        if _compiled.has_kernel("gae_fwd", "CUDA"):
+            assert _compiled.has_kernel(op, "CUDA"), op
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_opcheck_ppo_from_logits(agg, with_ref):
+    B, T, V = 3, 4, 37
+    logits = torch.randn(B * T, V, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, V, (B * T,), device=DEVICE)
+    labels[1] = -100
+    old, adv, rf_ = (torch.randn(B, T, device=DEVICE, requires_grad=True) for _ in range(3))
+    for mask in (torch.rand(B, T, device=DEVICE) > 0.3, torch.rand(B, T, device=DEVICE)):
+        args = (logits, labels, old, adv, mask, rf_ if with_ref else None, 0.1, "k3", 0.01, 1 / 0.9, 0.2, 0.28,
+                3.0, agg)
+        torch.library.opcheck(ops.ppo_from_logits_fwd, args)
+    _, _, saved = ops.ppo_from_logits_fwd(*args)
+    torch.library.opcheck(ops.ppo_from_logits_bwd, (torch.tensor(0.7, device=DEVICE), logits.detach(), labels,
+                                                    saved, 1 / 0.9))
+
+
+_FL_OPTS = [
+    dict(),
+    dict(ref=True, kl_coef=0.1, entropy_coef=0.01, temperature=0.7),
+    dict(ref=True, kl_coef=0.0, kl_estimator="k2+", clip_high=0.28, dual_clip=3.0),
+    dict(ref=True, kl_coef=0.3, kl_estimator="abs", entropy_coef=0.2, dual_clip=2.0, temperature=1.3),
+]
+_FL_CASES = [(a, torch.float32, o) for a in AGGS for o in _FL_OPTS] + \
+    [(a, d, _FL_OPTS[3]) for a in AGGS for d in (torch.bfloat16, torch.float16, torch.float64)]
+
+
+@pytest.mark.parametrize("agg,dtype,opts", _FL_CASES)
+def test_ppo_loss_from_logits_edge_cases(agg, dtype, opts):
+    """Huge and -inf logits, an all-masked row, an ignored label, V over one 1024 chunk, vs float64."""
+    B, T, V = 3, 5, 1301
+    opts = dict(opts)
+    use_ref = opts.pop("ref", False)
+    logits = torch.randn(B, T, V, dtype=torch.float64) * 3
+    logits[0] += 1e4  # the max is taken before the temperature: no precision lost
+    labels = torch.randint(0, V, (B, T))
+    logits[1, :, :7] = float("-inf")
+    logits[1, :, 1100:] = float("-inf")  # a whole -inf chunk after the first
+    labels[1] = torch.randint(7, 1100, (T,))
+    mask = torch.rand(B, T) > 0.4
+    mask[0, 1] = True
+    mask[2] = False  # an all-masked row
+    labels[0, 0], mask[0, 0] = -100, False
+    logp_now = torch.log_softmax(logits / opts.get("temperature", 1.0), -1).gather(
+        -1, labels.clamp(min=0)[..., None])[..., 0]
+    old = logp_now + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    adv = torch.randn(B, T, dtype=torch.float64)
+    ref_logp = logp_now + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    keys = ["pg_loss", "entropy", "clipfrac", "approx_kl", "dual_clipfrac"] + (["kl"] if use_ref else [])
+
+    def run(backend):
+        def fn(x, o, a, *r):
+            loss, st = rf.ppo_loss_from_logits(x, labels.to(DEVICE), o, a, mask.to(DEVICE),
+                                               ref_logp=r[0] if r else None, agg=agg, backend=backend, **opts)
+            return [loss] + [st[k] for k in keys]
+        return fn
+    args = [logits, old, adv] + ([ref_logp] if use_ref else [])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    _compare(run(BACKEND), run("reference"), args, dtype, tol=tol)
+
+
+def test_ppo_loss_from_logits_strided_empty_deterministic():
+    base = torch.randn(2, 6, 50, dtype=torch.float64, device=DEVICE)
+    logits = base[..., :41]  # row stride 50, unit column stride: read in place
+    labels = torch.randint(0, 41, (2, 6), device=DEVICE)
+    old, adv = -torch.rand(2, 6, dtype=torch.float64, device=DEVICE), torch.randn(2, 6, dtype=torch.float64,
+                                                                                   device=DEVICE)
+    mask = torch.rand(2, 6, device=DEVICE) > 0.2
+    kw = dict(ref_logp=old * 0.5, kl_coef=0.1, entropy_coef=0.05, agg="seq-mean-token-mean")
+    a = rf.ppo_loss_from_logits(logits, labels, old, adv, mask, backend=BACKEND, **kw)
+    b = rf.ppo_loss_from_logits(logits, labels, old, adv, mask, backend="reference", **kw)
+    assert_rel(a[0], b[0], 1e-12, "strided logits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = rf.ppo_loss_from_logits(logits, labels, old, adv, mask, backend=BACKEND, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a[0], c[0]) and all(torch.equal(a[1][k], c[1][k]) for k in a[1])
+    # logits stride on the vocabulary: copied by the wrapper
+    x = base.transpose(1, 2).contiguous().transpose(1, 2)  # [2, 6, 50] with stride 6 on the vocabulary
+    assert x.stride(-1) != 1
+    assert_rel(rf.ppo_loss_from_logits(x[..., :41], labels, old, adv, mask, backend=BACKEND, **kw)[0],
+               rf.ppo_loss_from_logits(x[..., :41], labels, old, adv, mask, backend="reference", **kw)[0], 1e-12,
+               "vocabulary-strided logits")
+    for agg in AGGS:  # N = 0 and all masked: zeros, no nan
+        for shape in ((0, 5), (2, 3)):
+            x = torch.randn(*shape, 9, device=DEVICE, requires_grad=True)
+            z = torch.zeros(shape, device=DEVICE)
+            loss, st = rf.ppo_loss_from_logits(x, torch.zeros(shape, dtype=torch.long, device=DEVICE), z, z + 1,
+                                               z.bool(), ref_logp=z, kl_coef=0.1, entropy_coef=0.1, agg=agg,
+                                               backend=BACKEND)
+            assert loss.item() == 0 and all(v.item() == 0 for v in st.values())
+            loss.backward()
+            assert x.grad.shape == x.shape and not x.grad.any()

@@ -1,0 +1,143 @@
+// Device helpers of the log-prob row kernels, shared by logprobs_cuda.cu and ppo_from_logits_cuda.cu:
+// the online softmax triple (max of the raw logits, Σ e^w, Σ e^w·w with w = (x - max)/T) with its warp
+// and block merges, 16-byte packs, and the per-element backward. (x - max) is formed before the
+// temperature product, so huge logits keep their precision, as in logprobs_row.h.
+#pragma once
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace rlhf_fast {
+namespace {
+
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // rows past it are covered by the grid-stride loop
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// VEC elements in one 16-byte load or store.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+__device__ __forceinline__ float d_exp(float x) { return expf(x); }
+__device__ __forceinline__ double d_exp(double x) { return exp(x); }
+__device__ __forceinline__ float d_log(float x) { return logf(x); }
+__device__ __forceinline__ double d_log(double x) { return log(x); }
+// As cpu_math.h: keeps p·(z - m) at 0, not nan, where z is -inf (p is 0 there).
+__device__ __forceinline__ float clamp_low(float x) { return x < -87.0f ? -87.0f : x; }
+__device__ __forceinline__ double clamp_low(double x) { return x < -745.0 ? -745.0 : x; }
+
+template <typename acc_t>
+struct Triple {
+  // m: running max of the raw logits x; s = Σ e^w, t = Σ e^w·w with w = (x - m)·inv_t;
+  // m = -inf: nothing seen yet (s = t = 0)
+  acc_t m, s, t;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Triple<acc_t> empty_triple() {
+  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
+}
+
+// Moves the reference point to m_new >= st.m (finite): s·e^{d}, (t + d·s)·e^{d} with d = (m - m_new)·inv_t.
+template <typename acc_t>
+__device__ __forceinline__ void rebase(Triple<acc_t>& st, acc_t m_new, acc_t inv_t) {
+  if (st.m != -std::numeric_limits<acc_t>::infinity()) {
+    const acc_t d = (st.m - m_new) * inv_t, e = d_exp(d);
+    st.t = e * (st.t + d * st.s);
+    st.s = e * st.s;
+  }
+  st.m = m_new;
+}
+
+// Adds n raw logits z (n = VEC, or 1 for the head and tail): one rebase per group, as the CPU does per chunk.
+template <typename acc_t, int N>
+__device__ __forceinline__ void accumulate(Triple<acc_t>& st, const acc_t (&z)[N], acc_t inv_t) {
+  acc_t zmax = z[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) zmax = max(zmax, z[k]);
+  if (zmax == -std::numeric_limits<acc_t>::infinity()) return;  // all -inf: contributes nothing
+  if (zmax > st.m) rebase(st, zmax, inv_t);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const acc_t w = (z[k] - st.m) * inv_t, e = d_exp(w);
+    st.s += e;
+    st.t += e * clamp_low(w);
+  }
+}
+
+// (m1,s1,t1) ⊕ (m2,s2,t2) = (m, Σ e^{di}·si, Σ e^{di}·(ti + di·si)) with di = (mi - m)·inv_t; an empty
+// side (m = -inf) adds nothing, so there is no inf - inf.
+template <typename acc_t>
+__device__ __forceinline__ Triple<acc_t> merge(const Triple<acc_t>& a, const Triple<acc_t>& b, acc_t inv_t) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t m = max(a.m, b.m);
+  if (m == kNegInf) return a;
+  Triple<acc_t> r{m, acc_t(0), acc_t(0)};
+  if (a.m != kNegInf) {
+    const acc_t d = (a.m - m) * inv_t, e = d_exp(d);
+    r.s += e * a.s;
+    r.t += e * (a.t + d * a.s);
+  }
+  if (b.m != kNegInf) {
+    const acc_t d = (b.m - m) * inv_t, e = d_exp(d);
+    r.s += e * b.s;
+    r.t += e * (b.t + d * b.s);
+  }
+  return r;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Triple<acc_t> warp_merge(Triple<acc_t> st, acc_t inv_t) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const Triple<acc_t> o{__shfl_down_sync(kFull, st.m, off), __shfl_down_sync(kFull, st.s, off),
+                          __shfl_down_sync(kFull, st.t, off)};
+    st = merge(st, o, inv_t);  // lanes >= 32 - off merge garbage; only lane 0's result is used
+  }
+  return st;
+}
+
+// The block's triple, valid in thread 0; ends with a barrier so the shared arrays can be reused.
+template <typename acc_t>
+__device__ __forceinline__ Triple<acc_t> block_merge(Triple<acc_t> st, acc_t* sm, acc_t* ss, acc_t* stt, acc_t inv_t) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  st = warp_merge(st, inv_t);
+  if (lane == 0) sm[warp] = st.m, ss[warp] = st.s, stt[warp] = st.t;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < n_warps ? Triple<acc_t>{sm[lane], ss[lane], stt[lane]} : empty_triple<acc_t>();
+    st = warp_merge(st, inv_t);
+  }
+  __syncthreads();
+  return st;
+}
+
+// Elements before the first 16-byte boundary of a row (vector loads start there).
+template <typename T>
+__device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(T));
+  return min(V, mis ? static_cast<int64_t>(16 / sizeof(T)) - mis : int64_t(0));
+}
+
+// grad_x = a·(onehot - p) - b·p·(log p + H) with a = g_lp/T, b = g_ent/T and log p = (x - shift)·inv_t - log_s
+// (as row_grad in logprobs_row.h; shift = 0, log_s = lse for a one-part lse).
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_entry(acc_t x, bool is_label, acc_t a, acc_t b, acc_t shift, acc_t log_s,
+                                            acc_t h, acc_t inv_t) {
+  const acc_t w = (x - shift) * inv_t - log_s, p = d_exp(w);
+  const acc_t ent_term = b * p * (clamp_low(w) + h);
+  return is_label ? a * (acc_t(1) - p) - ent_term : -a * p - ent_term;
+}
+
+// Threads per row: enough 16-byte loads in flight for long rows, few idle threads for short ones.
+int threads_for(int64_t V) { return V >= 32768 ? 512 : (V >= 4096 ? 256 : 128); }
+unsigned blocks_for(int64_t N) { return static_cast<unsigned>(std::min(N, kMaxBlocks)); }
+
+}  // namespace
+}  // namespace rlhf_fast

@@ -1,0 +1,293 @@
+// ppo_loss_from_logits on CUDA, the math of ppo_from_logits_cpu.cpp. Forward, all deterministic (fixed
+// reduction orders, no atomics):
+//   1. one block per row: one read of the logits with 16-byte loads (the online triple of
+//      logprobs_row_cuda.cuh) -> logp, entropy and the two-part lse, per token;
+//   2. one block per segment (row of T for the seq-mean aggs, 4096-token chunk for token-mean): the
+//      PPO / KL / entropy terms (ppo_from_logits_math.h) and the segment's sums in double;
+//   3. one block: totals, loss and statistics, and each segment's d loss / d token;
+//   4. one block per segment: the saved per-token gradients scaled.
+// Backward: one block per row, one read and one write per element, with the upstream gradient read on
+// the device (no host sync).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "logprobs_row_cuda.cuh"
+#include "ppo_from_logits_math.h"
+
+namespace rlhf_fast {
+namespace {
+
+constexpr int kThreads = 256;  // token-pass kernels: multiple of 32, at most 1024 (block_sum)
+constexpr int64_t kIgnore = -100;
+
+// Sums N doubles over the block in a fixed order (warp tree, then warp 0 over the warps' sums); valid
+// in thread 0. Ends with a barrier so `smem` (32·N doubles) can be reused at once.
+template <int N>
+__device__ __forceinline__ void block_sum_d(double (&v)[N], double* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(kFull, v[j], off);
+  if (lane == 0)
+    for (int j = 0; j < N; ++j) smem[warp * N + j] = v[j];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      v[j] = lane < n_warps ? smem[lane * N + j] : 0.0;
+      for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(kFull, v[j], off);
+    }
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t, typename T>
+__global__ void fl_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, T* __restrict__ sv,
+                               int64_t N, int64_t V, int64_t row_stride, acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  __shared__ acc_t sm[32], ss[32], stt[32];
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    T* col = sv + r * kFlCols;
+    const int64_t label = labels[r];
+    if (label == kIgnore) {  // uniform over the block: no barrier is skipped by part of it
+      if (threadIdx.x == 0) col[0] = col[2] = col[3] = col[4] = T(0);
+      continue;
+    }
+    const scalar_t* row = x + r * row_stride;
+    Triple<acc_t> st = empty_triple<acc_t>();
+    const int64_t head = head_len(row, V), n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
+    for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
+      const acc_t z[1] = {static_cast<acc_t>(row[i])};
+      accumulate(st, z, inv_t);
+    }
+    const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row + head);
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+      const Pack<scalar_t, VEC> p = vrow[j];
+      acc_t z[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
+      accumulate(st, z, inv_t);
+    }
+    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) {
+      const acc_t z[1] = {static_cast<acc_t>(row[i])};
+      accumulate(st, z, inv_t);
+    }
+    st = block_merge(st, sm, ss, stt, inv_t);
+    if (threadIdx.x == 0) {
+      const acc_t log_s = d_log(st.s);
+      col[0] = static_cast<T>((static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s);  // logp until pass 2
+      col[2] = static_cast<T>(st.m);
+      col[3] = static_cast<T>(log_s);
+      col[4] = static_cast<T>(log_s - st.t / st.s);
+    }
+  }
+}
+
+template <typename T, typename M>
+__global__ void fl_segments_kernel(T* __restrict__ sv, const T* __restrict__ old, const T* __restrict__ adv,
+                                   const T* __restrict__ ref, const M* __restrict__ mask, FlConfig cfg, int64_t numel,
+                                   int64_t seg_len, int64_t nseg, double* __restrict__ parts) {
+  __shared__ double smem[32 * kFlParts];
+  for (int64_t s = blockIdx.x; s < nseg; s += gridDim.x) {
+    double acc[kFlParts] = {0, 0, 0, 0, 0, 0, 0};
+    const int64_t begin = s * seg_len, end = min(numel, begin + seg_len);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      T* col = sv + i * kFlCols;
+      double g_pol, g_kl, g_ent, g_adv;
+      fl_token(col[0], col[4], old[i], adv[i], ref[i], static_cast<double>(mask[i]), cfg, acc, g_pol, g_kl, g_ent,
+               g_adv);
+      col[0] = static_cast<T>(g_pol);
+      col[1] = static_cast<T>(g_ent);
+      col[5] = static_cast<T>(g_kl);
+      col[6] = static_cast<T>(g_adv);
+    }
+    block_sum_d<kFlParts>(acc, smem);
+    if (threadIdx.x == 0)
+      for (int j = 0; j < kFlParts; ++j) parts[s * kFlParts + j] = acc[j];
+  }
+}
+
+template <typename T>
+__global__ void fl_finalize_kernel(const double* __restrict__ parts, int64_t nseg, int agg, FlConfig cfg,
+                                   T* __restrict__ loss, T* __restrict__ stats, double* __restrict__ scale) {
+  constexpr int kTot = 8;
+  __shared__ double smem[32 * kTot];
+  __shared__ double total[kTot];
+  FlTotals t;
+  for (int64_t s = threadIdx.x; s < nseg; s += blockDim.x) fl_agg_add(agg, parts + s * kFlParts, t);
+  double v[kTot] = {t.pol.loss_num, t.pol.w, t.pol.s0, t.pol.s1, t.pol.s2, t.pol.n_seq, t.ent, t.kl};
+  block_sum_d<kTot>(v, smem);
+  if (threadIdx.x == 0)
+    for (int j = 0; j < kTot; ++j) total[j] = v[j];
+  __syncthreads();
+  FlTotals tot;
+  tot.pol.loss_num = total[0], tot.pol.w = total[1], tot.pol.s0 = total[2], tot.pol.s1 = total[3],
+  tot.pol.s2 = total[4], tot.pol.n_seq = total[5], tot.ent = total[6], tot.kl = total[7];
+  for (int64_t s = threadIdx.x; s < nseg; s += blockDim.x) scale[s] = agg_scale(agg, parts + s * kFlParts, tot.pol);
+  if (threadIdx.x == 0) {
+    double l, st[kFlStats];
+    fl_outputs(agg, tot, cfg, &l, st);
+    loss[0] = static_cast<T>(l);
+    for (int j = 0; j < kFlStats; ++j) stats[j] = static_cast<T>(st[j]);
+  }
+}
+
+template <typename T>
+__global__ void fl_scale_kernel(T* __restrict__ sv, const int64_t* __restrict__ labels,
+                                const double* __restrict__ scale, int64_t numel, int64_t seg_len, int64_t nseg) {
+  for (int64_t s = blockIdx.x; s < nseg; s += gridDim.x) {
+    const double k = scale[s];
+    const int64_t begin = s * seg_len, end = min(numel, begin + seg_len);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) fl_scale<T>(sv + i * kFlCols, k, labels[i] == kIgnore);
+  }
+}
+
+// grad_logits = G·(g_lp·(onehot - p) - g_ent·p·(log p + H)) / T, `out` contiguous [N, V].
+template <typename scalar_t, typename T>
+__global__ void fl_bwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, scalar_t* __restrict__ out,
+                              const int64_t* __restrict__ labels, const T* __restrict__ sv,
+                              const T* __restrict__ grad_loss, int64_t N, int64_t V, acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, VEC>;
+  const double G = static_cast<double>(grad_loss[0]);
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const scalar_t* row = x + r * x_stride;
+    scalar_t* orow = out + r * V;
+    const int64_t label = labels[r];
+    // vector loads and stores need x and out to share their offset from a 16-byte boundary
+    const bool same_phase = ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(orow)) & 15) == 0;
+    const int64_t head = same_phase ? head_len(row, V) : V;
+    const int64_t n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
+    if (label == kIgnore) {
+      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) orow[i] = scalar_t(0);
+      P zero;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
+      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) reinterpret_cast<P*>(orow + head)[j] = zero;
+      for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) orow[i] = scalar_t(0);
+      continue;
+    }
+    const T* col = sv + r * kFlCols;
+    const acc_t a = static_cast<acc_t>(G * static_cast<double>(col[0]) * static_cast<double>(inv_t)),
+                b = static_cast<acc_t>(G * static_cast<double>(col[1]) * static_cast<double>(inv_t)),
+                shift = static_cast<acc_t>(col[2]), log_s = static_cast<acc_t>(col[3]), h = static_cast<acc_t>(col[4]);
+    for (int64_t i = threadIdx.x; i < head; i += blockDim.x)
+      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, shift, log_s, h, inv_t));
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+      const P p = reinterpret_cast<const P*>(row + head)[j];
+      P q;
+      const int64_t i0 = head + j * VEC;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)
+        q.v[k] = static_cast<scalar_t>(
+            grad_entry(static_cast<acc_t>(p.v[k]), i0 + k == label, a, b, shift, log_s, h, inv_t));
+      reinterpret_cast<P*>(orow + head)[j] = q;
+    }
+    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x)
+      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, shift, log_s, h, inv_t));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp, double kl_coef, c10::string_view kl_estimator,
+    double entropy_coef, double inv_temperature, double clip_low, double clip_high, std::optional<double> dual_clip,
+    c10::string_view agg_name) {
+  check_fl_inputs(logits, labels, old_logp, advantages, mask, ref_logp);
+  TORCH_CHECK(logits.is_cuda(), "ppo_from_logits: expected CUDA tensors");
+  const int agg = parse_agg(agg_name);
+  const auto [seg_len, nseg] = loss_segments("ppo_from_logits", agg, old_logp);
+  const bool has_ref = ref_logp.has_value() && ref_logp->defined();
+  const FlConfig cfg = parse_fl(dual_clip, has_ref, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const at::Tensor lab = labels.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(),
+                   m = mask.contiguous(), ref = has_ref ? ref_logp->contiguous() : old;
+  const auto opts = old.options();
+  at::Tensor saved = at::empty({N, kFlCols}, opts), loss = at::empty({}, opts), stats = at::empty({kFlStats}, opts);
+  const auto dopts = opts.dtype(at::kDouble);
+  at::Tensor parts = at::empty({std::max<int64_t>(nseg, 1) * kFlParts}, dopts),
+             scale = at::empty({std::max<int64_t>(nseg, 1)}, dopts);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(old.scalar_type(), "ppo_from_logits_fwd_cuda", [&] {
+    using T = scalar_t;
+    T* sv = saved.data_ptr<T>();
+    if (N > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_rows", [&] {
+        using acc_t = acc_type<scalar_t>;
+        fl_rows_kernel<scalar_t, T><<<blocks_for(N), threads_for(V), 0, stream>>>(
+            logits.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), sv, N, V, row_stride,
+            static_cast<acc_t>(inv_temperature));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      auto launch = [&](auto* mask_ptr) {
+        using M = std::remove_const_t<std::remove_pointer_t<decltype(mask_ptr)>>;
+        fl_segments_kernel<T, M><<<blocks_for(nseg), kThreads, 0, stream>>>(
+            sv, old.data_ptr<T>(), adv.data_ptr<T>(), ref.data_ptr<T>(), mask_ptr, cfg, N, seg_len, nseg,
+            parts.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (m.scalar_type() == at::kBool) launch(static_cast<const bool*>(m.data_ptr<bool>()));
+      else launch(static_cast<const T*>(m.data_ptr<T>()));
+    }
+    fl_finalize_kernel<T><<<1, kThreads, 0, stream>>>(parts.data_ptr<double>(), N > 0 ? nseg : 0, agg, cfg,
+                                                      loss.data_ptr<T>(), stats.data_ptr<T>(),
+                                                      scale.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (N > 0) {
+      fl_scale_kernel<T><<<blocks_for(nseg), kThreads, 0, stream>>>(sv, lab.data_ptr<int64_t>(),
+                                                                    scale.data_ptr<double>(), N, seg_len, nseg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {loss, stats, saved};
+}
+
+at::Tensor ppo_from_logits_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                    const at::Tensor& saved, double inv_temperature) {
+  TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device() && saved.device() == logits.device() &&
+                  grad_loss.device() == logits.device(),
+              "ppo_from_logits_bwd: expected CUDA tensors on one device");
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "ppo_from_logits: logits must be [N, V] with unit column stride");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N && labels.scalar_type() == at::kLong,
+              "ppo_from_logits: labels must be int64 [N]");
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == kFlCols && grad_loss.numel() == 1 &&
+                  grad_loss.scalar_type() == saved.scalar_type(),
+              "ppo_from_logits_bwd: expected saved [N, ", kFlCols, "] and a one-element grad_loss of its dtype");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty({N, V}, logits.options());
+  if (N == 0) return grad;
+  const at::Tensor lab = labels.contiguous(), sv = saved.contiguous(), g = grad_loss.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(sv.scalar_type(), "ppo_from_logits_bwd_cuda", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_bwd_rows", [&] {
+      using acc_t = acc_type<scalar_t>;
+      fl_bwd_kernel<scalar_t, T><<<blocks_for(N), threads_for(V), 0, stream>>>(
+          logits.data_ptr<scalar_t>(), logits.stride(0), grad.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(),
+          sv.data_ptr<T>(), g.data_ptr<T>(), N, V, static_cast<acc_t>(inv_temperature));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CUDA, m) {
+  m.impl("ppo_from_logits_fwd", &ppo_from_logits_fwd_cuda);
+  m.impl("ppo_from_logits_bwd", &ppo_from_logits_bwd_cuda);
+}
+
+}  // namespace rlhf_fast
