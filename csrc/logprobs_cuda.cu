@@ -29,7 +29,6 @@ __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, const int64_
                                     acc_type<scalar_t>* __restrict__ lse, int64_t N, int64_t V, int64_t row_stride,
                                     acc_type<scalar_t> inv_t, int64_t ignore_index) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int VEC = 16 / sizeof(scalar_t);
   __shared__ acc_t sm[32], ss[32], stt[32];
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const int64_t label = labels[r];
@@ -38,25 +37,7 @@ __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, const int64_
       continue;
     }
     const scalar_t* row = x + r * row_stride;
-    Triple<acc_t> st = empty_triple<acc_t>();
-    const int64_t head = head_len(row, V), n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
-    for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-      const acc_t z[1] = {static_cast<acc_t>(row[i])};
-      accumulate(st, z, inv_t);
-    }
-    const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row + head);
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-      const Pack<scalar_t, VEC> p = vrow[j];
-      acc_t z[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
-      accumulate(st, z, inv_t);
-    }
-    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) {
-      const acc_t z[1] = {static_cast<acc_t>(row[i])};
-      accumulate(st, z, inv_t);
-    }
-    st = block_merge(st, sm, ss, stt, inv_t);
+    const Triple<acc_t> st = block_row_triple(row, V, inv_t, sm, ss, stt);
     if (threadIdx.x == 0) {
       const acc_t log_s = d_log(st.s);
       logp[r] = (static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s;
@@ -75,39 +56,12 @@ __global__ void logprobs_bwd_kernel(const scalar_t* x, int64_t x_stride, scalar_
                                     const acc_type<scalar_t>* __restrict__ entropy, int64_t N, int64_t V,
                                     acc_type<scalar_t> inv_t, int64_t ignore_index) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  using P = Pack<scalar_t, VEC>;
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
-    const scalar_t* row = x + r * x_stride;
-    scalar_t* orow = out + r * out_stride;
     const int64_t label = labels[r];
-    // vector loads and stores need x and out to share their offset from a 16-byte boundary
-    const bool same_phase = ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(orow)) & 15) == 0;
-    const int64_t head = same_phase ? head_len(row, V) : V;
-    const int64_t n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
-    if (label == ignore_index) {
-      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) orow[i] = scalar_t(0);
-      P zero;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
-      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) reinterpret_cast<P*>(orow + head)[j] = zero;
-      for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) orow[i] = scalar_t(0);
-      continue;
-    }
-    const acc_t a = g_lp[r] * inv_t, b = (g_ent ? g_ent[r] : acc_t(0)) * inv_t, l = lse[r], h = entropy[r];
-    for (int64_t i = threadIdx.x; i < head; i += blockDim.x)
-      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, acc_t(0), l, h, inv_t));
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-      const P p = reinterpret_cast<const P*>(row + head)[j];
-      P q;
-      const int64_t i0 = head + j * VEC;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        q.v[k] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(p.v[k]), i0 + k == label, a, b, acc_t(0), l, h, inv_t));
-      reinterpret_cast<P*>(orow + head)[j] = q;
-    }
-    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x)
-      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, acc_t(0), l, h, inv_t));
+    const bool ignored = label == ignore_index;
+    const acc_t a = ignored ? acc_t(0) : g_lp[r] * inv_t, b = ignored || !g_ent ? acc_t(0) : g_ent[r] * inv_t;
+    const acc_t l = ignored ? acc_t(0) : lse[r], h = ignored ? acc_t(0) : entropy[r];
+    block_row_grad(x + r * x_stride, out + r * out_stride, V, label, ignored, a, b, acc_t(0), l, h, inv_t);
   }
 }
 

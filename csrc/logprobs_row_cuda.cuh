@@ -125,6 +125,56 @@ __device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
   return min(V, mis ? static_cast<int64_t>(16 / sizeof(T)) - mis : int64_t(0));
 }
 
+// One block's pass over a row: the triple of z = x·inv_t (relative to the raw max), merged over the
+// block and valid in thread 0. A scalar head up to the first 16-byte boundary, then 16-byte loads,
+// then a scalar tail. Ends with block_merge's barrier.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Triple<acc_t> block_row_triple(const scalar_t* row, int64_t V, acc_t inv_t, acc_t* sm,
+                                                          acc_t* ss, acc_t* stt) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  Triple<acc_t> st = empty_triple<acc_t>();
+  const int64_t head = head_len(row, V), n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
+    const acc_t z[1] = {static_cast<acc_t>(row[i])};
+    accumulate(st, z, inv_t);
+  }
+  const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row + head);
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    const Pack<scalar_t, VEC> p = vrow[j];
+    acc_t z[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
+    accumulate(st, z, inv_t);
+  }
+  for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) {
+    const acc_t z[1] = {static_cast<acc_t>(row[i])};
+    accumulate(st, z, inv_t);
+  }
+  return block_merge(st, sm, ss, stt, inv_t);
+}
+
+// Sums N doubles over the block in a fixed order (warp tree, then warp 0 over the warps' sums), so
+// results do not depend on scheduling; valid in thread 0. Ends with a barrier so that `smem`
+// (32·N doubles) can be reused at once. blockDim.x: a multiple of 32, at most 1024.
+template <int N>
+__device__ __forceinline__ void block_sum(double (&v)[N], double* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(kFull, v[j], off);
+  if (lane == 0)
+    for (int j = 0; j < N; ++j) smem[warp * N + j] = v[j];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      v[j] = lane < n_warps ? smem[lane * N + j] : 0.0;
+      for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(kFull, v[j], off);
+    }
+  }
+  __syncthreads();
+}
+
 // grad_x = a·(onehot - p) - b·p·(log p + H) with a = g_lp/T, b = g_ent/T and log p = (x - shift)·inv_t - log_s
 // (as row_grad in logprobs_row.h; shift = 0, log_s = lse for a one-part lse).
 template <typename acc_t>
@@ -135,9 +185,47 @@ __device__ __forceinline__ acc_t grad_entry(acc_t x, bool is_label, acc_t a, acc
   return is_label ? a * (acc_t(1) - p) - ent_term : -a * p - ent_term;
 }
 
+// One block writes one row of grad logits, grad_entry of each element (zeros for an ignored row),
+// with 16-byte loads and stores when `row` and `orow` share their offset from a 16-byte boundary.
+// `orow` may be `row` (in-place backward): each element is read before it is written, by one thread.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void block_row_grad(const scalar_t* row, scalar_t* orow, int64_t V, int64_t label,
+                                               bool ignored, acc_t a, acc_t b, acc_t shift, acc_t log_s, acc_t h,
+                                               acc_t inv_t) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, VEC>;
+  const bool same_phase = ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(orow)) & 15) == 0;
+  const int64_t head = same_phase ? head_len(row, V) : V;
+  const int64_t n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
+  if (ignored) {
+    for (int64_t i = threadIdx.x; i < head; i += blockDim.x) orow[i] = scalar_t(0);
+    P zero;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) reinterpret_cast<P*>(orow + head)[j] = zero;
+    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) orow[i] = scalar_t(0);
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x)
+    orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, shift, log_s, h, inv_t));
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    const P p = reinterpret_cast<const P*>(row + head)[j];
+    P q;
+    const int64_t i0 = head + j * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      q.v[k] = static_cast<scalar_t>(
+          grad_entry(static_cast<acc_t>(p.v[k]), i0 + k == label, a, b, shift, log_s, h, inv_t));
+    reinterpret_cast<P*>(orow + head)[j] = q;
+  }
+  for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x)
+    orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, shift, log_s, h, inv_t));
+}
+
 // Threads per row: enough 16-byte loads in flight for long rows, few idle threads for short ones.
 int threads_for(int64_t V) { return V >= 32768 ? 512 : (V >= 4096 ? 256 : 128); }
-unsigned blocks_for(int64_t N) { return static_cast<unsigned>(std::min(N, kMaxBlocks)); }
+// (at least one block: a grid of 0 is a launch error; the grid-stride loops skip empty work)
+unsigned blocks_for(int64_t N) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(N, kMaxBlocks))); }
 
 }  // namespace
 }  // namespace rlhf_fast

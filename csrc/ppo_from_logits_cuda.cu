@@ -28,32 +28,10 @@ namespace {
 constexpr int kThreads = 256;  // token-pass kernels: multiple of 32, at most 1024 (block_sum)
 constexpr int64_t kIgnore = -100;
 
-// Sums N doubles over the block in a fixed order (warp tree, then warp 0 over the warps' sums); valid
-// in thread 0. Ends with a barrier so `smem` (32·N doubles) can be reused at once.
-template <int N>
-__device__ __forceinline__ void block_sum_d(double (&v)[N], double* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(kFull, v[j], off);
-  if (lane == 0)
-    for (int j = 0; j < N; ++j) smem[warp * N + j] = v[j];
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      v[j] = lane < n_warps ? smem[lane * N + j] : 0.0;
-      for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(kFull, v[j], off);
-    }
-  }
-  __syncthreads();
-}
-
 template <typename scalar_t, typename T>
 __global__ void fl_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, T* __restrict__ sv,
                                int64_t N, int64_t V, int64_t row_stride, acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int VEC = 16 / sizeof(scalar_t);
   __shared__ acc_t sm[32], ss[32], stt[32];
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     T* col = sv + r * kFlCols;
@@ -63,25 +41,7 @@ __global__ void fl_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __
       continue;
     }
     const scalar_t* row = x + r * row_stride;
-    Triple<acc_t> st = empty_triple<acc_t>();
-    const int64_t head = head_len(row, V), n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
-    for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-      const acc_t z[1] = {static_cast<acc_t>(row[i])};
-      accumulate(st, z, inv_t);
-    }
-    const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row + head);
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-      const Pack<scalar_t, VEC> p = vrow[j];
-      acc_t z[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
-      accumulate(st, z, inv_t);
-    }
-    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) {
-      const acc_t z[1] = {static_cast<acc_t>(row[i])};
-      accumulate(st, z, inv_t);
-    }
-    st = block_merge(st, sm, ss, stt, inv_t);
+    const Triple<acc_t> st = block_row_triple(row, V, inv_t, sm, ss, stt);
     if (threadIdx.x == 0) {
       const acc_t log_s = d_log(st.s);
       col[0] = static_cast<T>((static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s);  // logp until pass 2
@@ -110,7 +70,7 @@ __global__ void fl_segments_kernel(T* __restrict__ sv, const T* __restrict__ old
       col[5] = static_cast<T>(g_kl);
       col[6] = static_cast<T>(g_adv);
     }
-    block_sum_d<kFlParts>(acc, smem);
+    block_sum<kFlParts>(acc, smem);
     if (threadIdx.x == 0)
       for (int j = 0; j < kFlParts; ++j) parts[s * kFlParts + j] = acc[j];
   }
@@ -125,7 +85,7 @@ __global__ void fl_finalize_kernel(const double* __restrict__ parts, int64_t nse
   FlTotals t;
   for (int64_t s = threadIdx.x; s < nseg; s += blockDim.x) fl_agg_add(agg, parts + s * kFlParts, t);
   double v[kTot] = {t.pol.loss_num, t.pol.w, t.pol.s0, t.pol.s1, t.pol.s2, t.pol.n_seq, t.ent, t.kl};
-  block_sum_d<kTot>(v, smem);
+  block_sum<kTot>(v, smem);
   if (threadIdx.x == 0)
     for (int j = 0; j < kTot; ++j) total[j] = v[j];
   __syncthreads();
@@ -157,44 +117,14 @@ __global__ void fl_bwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, 
                               const int64_t* __restrict__ labels, const T* __restrict__ sv,
                               const T* __restrict__ grad_loss, int64_t N, int64_t V, acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  using P = Pack<scalar_t, VEC>;
   const double G = static_cast<double>(grad_loss[0]);
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
-    const scalar_t* row = x + r * x_stride;
-    scalar_t* orow = out + r * V;
     const int64_t label = labels[r];
-    // vector loads and stores need x and out to share their offset from a 16-byte boundary
-    const bool same_phase = ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(orow)) & 15) == 0;
-    const int64_t head = same_phase ? head_len(row, V) : V;
-    const int64_t n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
-    if (label == kIgnore) {
-      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) orow[i] = scalar_t(0);
-      P zero;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
-      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) reinterpret_cast<P*>(orow + head)[j] = zero;
-      for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) orow[i] = scalar_t(0);
-      continue;
-    }
-    const T* col = sv + r * kFlCols;
+    const T* col = sv + r * kFlCols;  // zeros for ignored rows, whose coefficients are not used
     const acc_t a = static_cast<acc_t>(G * static_cast<double>(col[0]) * static_cast<double>(inv_t)),
                 b = static_cast<acc_t>(G * static_cast<double>(col[1]) * static_cast<double>(inv_t)),
                 shift = static_cast<acc_t>(col[2]), log_s = static_cast<acc_t>(col[3]), h = static_cast<acc_t>(col[4]);
-    for (int64_t i = threadIdx.x; i < head; i += blockDim.x)
-      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, shift, log_s, h, inv_t));
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-      const P p = reinterpret_cast<const P*>(row + head)[j];
-      P q;
-      const int64_t i0 = head + j * VEC;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        q.v[k] = static_cast<scalar_t>(
-            grad_entry(static_cast<acc_t>(p.v[k]), i0 + k == label, a, b, shift, log_s, h, inv_t));
-      reinterpret_cast<P*>(orow + head)[j] = q;
-    }
-    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x)
-      orow[i] = static_cast<scalar_t>(grad_entry(static_cast<acc_t>(row[i]), i == label, a, b, shift, log_s, h, inv_t));
+    block_row_grad(x + r * x_stride, out + r * V, V, label, label == kIgnore, a, b, shift, log_s, h, inv_t);
   }
 }
 

@@ -17,36 +17,14 @@
 #include <algorithm>
 #include <tuple>
 
+#include "logprobs_row_cuda.cuh"  // block_sum
+
 #include "rl_losses_math.h"
 
 namespace rlhf_fast {
 namespace {
 
 constexpr int kThreads = 256;  // multiple of 32, at most 1024 (block_sum)
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
-
-unsigned blocks_for(int64_t units) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(units, kMaxBlocks))); }
-
-// Sums N doubles over the block in a fixed order (warp tree, then warp 0 over the warps' sums); the
-// result is valid in thread 0. Ends with a barrier so that `smem` can be reused at once.
-template <int N>
-__device__ __forceinline__ void block_sum(double (&v)[N], double* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(0xffffffffu, v[j], off);
-  if (lane == 0)
-    for (int j = 0; j < N; ++j) smem[warp * N + j] = v[j];
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      v[j] = lane < n_warps ? smem[lane * N + j] : 0.0;
-      for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_down_sync(0xffffffffu, v[j], off);
-    }
-  }
-  __syncthreads();
-}
 
 template <typename T>
 __global__ void kl_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
