@@ -27,7 +27,8 @@ struct RowStats {
 
 // Online statistics over one row: m (running max of x), s = Σ exp(w), t = Σ exp(w)·w with
 // w = (x - m)·inv_t. When the max moves from m to m', s and t are rescaled by exp(d), d = (m - m')·inv_t
-// (and t shifted by d·s). At the end log_s = log s and H = log s - t / s.
+// (and t shifted by d·s). At the end log_s = log s and H = log s - t / s. A NaN logit makes log_s and H
+// NaN: beside a finite max its exp is NaN; in a chunk whose max is -inf (or NaN) it is looked for.
 template <typename scalar_t, typename acc_t>
 RLHF_FAST_SIMD_CLONES RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -41,7 +42,11 @@ RLHF_FAST_SIMD_CLONES RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, ac
       buf[i] = static_cast<acc_t>(x[c0 + i]);
       cmax = std::max(cmax, buf[i]);
     }
-    if (cmax == neg_inf) continue;  // all -inf so far: contributes nothing
+    if (!(cmax > neg_inf)) {  // all -inf (contributes nothing), or NaN that the max reduction dropped
+      for (int64_t i = 0; i < n; ++i)
+        if (std::isnan(buf[i])) return {buf[i], buf[i], buf[i]};  // a NaN logit: the whole row is NaN
+      continue;
+    }
     if (cmax > m) {
       if (m != neg_inf) {
         const acc_t d = (m - cmax) * inv_t, scale = exp_nonpos(d);

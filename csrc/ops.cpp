@@ -5,14 +5,15 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(rlhf_fast, m) {
-  // logits [N, V] (row stride free, unit column stride), labels [N] int64
-  // -> logp [N], entropy [N], lse [N] (fp32; fp64 for fp64 logits); ignored rows give 0, 0, 0
+  // logits [N, V] or [B, T, V] (any leading strides, unit stride over V: csrc/logits_layout.h), labels [N] int64
+  // -> logp [N], entropy [N], lse [N] (fp32; fp64 for fp64 logits); ignored rows give 0, 0, 0, rows whose
+  // label is out of range NaN (neither is read); a NaN logit makes its row NaN
   m.def("logprobs_fwd(Tensor logits, Tensor labels, float inv_temperature, int ignore_index) "
         "-> (Tensor, Tensor, Tensor)");
-  // -> grad_logits [N, V] in the logits dtype
+  // -> grad_logits in the logits dtype, shape and (non-overlapping) strides; 0 rows ignored, NaN rows out of range
   m.def("logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
         "Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> Tensor");
-  // the same gradient written into the logits buffer (its row stride kept): no [N, V] allocation
+  // the same gradient written into the logits buffer (its strides kept): no [N, V] allocation
   m.def("logprobs_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor? grad_entropy, Tensor labels, "
         "Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> ()");
   // rewards, values [B, T] fp32/fp64, mask [B, T] bool -> advantages, returns [B, T]
@@ -50,14 +51,15 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("kl_penalized_rewards_bwd(Tensor grad_rewards, Tensor d_logp, Tensor last) -> (Tensor, Tensor, Tensor)");
 
   // ---- ppo_loss_from_logits (ppo_from_logits_*.cpp/.cu, ppo_from_logits_math.h) ----
-  // logits [N, V] (row stride free, unit column stride), labels [N] int64 (-100: ignored), old_logp,
+  // logits [N, V] or [B, T, V] (any leading strides, unit stride over V), labels [N] int64 (-100: ignored;
+  // out of range: a NaN row, not read), old_logp,
   // advantages, ref_logp (N elements, [B, T] for the seq-mean aggs) of one dtype fp32/fp64, mask bool or
   // that dtype -> loss [], stats [pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl], saved [N, 8]
   // (per-token coefficients of the backward and d loss / d old_logp, advantages, ref_logp in cols 5-7)
   m.def("ppo_from_logits_fwd(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, Tensor mask, "
         "Tensor? ref_logp, float kl_coef, str kl_estimator, float entropy_coef, float inv_temperature, "
         "float clip_low, float clip_high, float? dual_clip, str agg) -> (Tensor, Tensor, Tensor)");
-  // grad_loss [] (saved's dtype) -> grad_logits [N, V] in the logits dtype
+  // grad_loss [] (saved's dtype) -> grad_logits in the logits dtype, shape and (non-overlapping) strides
   m.def("ppo_from_logits_bwd(Tensor grad_loss, Tensor logits, Tensor labels, Tensor saved, "
         "float inv_temperature) -> Tensor");
 }

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -32,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cpu(
   const auto [seg_len, nseg] = loss_segments("ppo_from_logits", agg, old_logp);
   const bool has_ref = ref_logp.has_value() && ref_logp->defined();
   const FlConfig cfg = parse_fl(dual_clip, has_ref, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high);
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const RowLayout L = row_layout(logits, "ppo_from_logits: logits");
+  const int64_t N = L.N, V = L.V;
   const at::Tensor lab = labels.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(),
                    m = mask.contiguous(), ref = has_ref ? ref_logp->contiguous() : old;
   const auto opts = old.options();
@@ -49,11 +51,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cpu(
       at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           T* col = sv + r * kFlCols;
-          if (y[r] == kIgnore) {
-            col[0] = col[2] = col[3] = col[4] = T(0);
+          if (y[r] == kIgnore || !label_in_row(y[r], V)) {  // not read; NaN for an out-of-range label
+            col[0] = col[2] = col[3] = col[4] = y[r] == kIgnore ? T(0) : std::numeric_limits<T>::quiet_NaN();
             continue;
           }
-          const scalar_t* row = x + r * row_stride;
+          const scalar_t* row = x + L.offset(r);
           const RowStats<acc_t> st = row_stats<scalar_t, acc_t>(row, V, inv_t);
           col[0] = static_cast<T>((static_cast<acc_t>(row[y[r]]) - st.m) * inv_t - st.log_s);
           col[2] = static_cast<T>(st.m);
@@ -107,14 +109,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cpu(
 // grad_logits [N, V] (logits dtype) = G·(g_lp·(onehot - p) - g_ent·p·(log p + H)) / T per row.
 at::Tensor ppo_from_logits_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& saved, double inv_temperature) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "ppo_from_logits: logits must be [N, V] with unit column stride");
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const RowLayout L = row_layout(logits, "ppo_from_logits: logits");
+  const int64_t N = L.N, V = L.V;
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N && labels.scalar_type() == at::kLong,
               "ppo_from_logits: labels must be int64 [N]");
   TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == kFlCols && grad_loss.numel() == 1 &&
                   grad_loss.scalar_type() == saved.scalar_type(),
               "ppo_from_logits_bwd: expected saved [N, ", kFlCols, "] and a one-element grad_loss of its dtype");
-  at::Tensor grad = at::empty({N, V}, logits.options());
+  at::Tensor grad = grad_like(logits);  // the logits' strides: input and gradient rows share their phase
+  const RowLayout GL = row_layout(grad, "grad logits");
   const at::Tensor lab = labels.contiguous(), sv = saved.contiguous();
   const int64_t* y = lab.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(sv.scalar_type(), "ppo_from_logits_bwd_cpu", [&] {
@@ -128,13 +131,13 @@ at::Tensor ppo_from_logits_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor
       const acc_t inv_t = static_cast<acc_t>(inv_temperature);
       at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          scalar_t* out = gx + r * V;
-          if (y[r] == kIgnore) {
-            std::fill(out, out + V, scalar_t(0));
+          scalar_t* out = gx + GL.offset(r);
+          if (y[r] == kIgnore || !label_in_row(y[r], V)) {  // not read: 0, or NaN for an out-of-range label
+            std::fill(out, out + V, y[r] == kIgnore ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN());
             continue;
           }
           const T* col = s + r * kFlCols;
-          row_grad<scalar_t, acc_t>(x + r * row_stride, out, V, y[r], static_cast<acc_t>(G * col[0] * inv_temperature),
+          row_grad<scalar_t, acc_t>(x + L.offset(r), out, V, y[r], static_cast<acc_t>(G * col[0] * inv_temperature),
                                     static_cast<acc_t>(G * col[1] * inv_temperature), static_cast<acc_t>(col[2]),
                                     static_cast<acc_t>(col[3]), static_cast<acc_t>(col[4]), inv_t);
         }

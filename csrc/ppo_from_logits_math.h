@@ -9,6 +9,7 @@
 //   5 d loss / d old_logp, 6 d loss / d advantages, 7 d loss / d ref_logp
 // all already scaled by the aggregation weight of the token.
 #pragma once
+#include "logits_layout.h"
 #include "rl_losses_math.h"
 
 namespace rlhf_fast {
@@ -111,9 +112,8 @@ inline FlConfig parse_fl(std::optional<double> dual_clip, bool has_ref, double k
 inline void check_fl_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
                             const at::Tensor& advantages, const at::Tensor& mask,
                             const std::optional<at::Tensor>& ref_logp) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "ppo_from_logits: logits must be [N, V] with unit column stride");
-  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, "ppo_from_logits: logits must have V >= 1");
-  const int64_t N = logits.size(0);
+  const int64_t N = row_layout(logits, "ppo_from_logits: logits").N;  // [N, V] or [B, T, V], unit stride over V
+  TORCH_CHECK(N == 0 || logits.size(-1) > 0, "ppo_from_logits: logits must have V >= 1");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N && labels.scalar_type() == at::kLong,
               "ppo_from_logits: labels must be int64 [N]");
   const at::Tensor& ref = ref_logp.has_value() ? *ref_logp : old_logp;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._layout import grad_like, logits_rows
 
 try:
     from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
@@ -36,20 +37,25 @@ if LOADED:
     ops = torch.ops.rlhf_fast
 
     # ------------------------------------------------------------------ logprobs
+    # logits [N, V] or [B, T, V] with any leading strides (csrc/logits_layout.h); gradients in their layout
+    def _n_rows(logits):
+        torch._check(logits.dim() in (2, 3), lambda: "logits must be [N, V] or [B, T, V]")
+        return logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]
+
     @torch.library.register_fake("rlhf_fast::logprobs_fwd")
     def _(logits, labels, inv_temperature, ignore_index):
-        torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
         dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        n = logits.shape[0]
+        n = _n_rows(logits)
         return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
 
     @torch.library.register_fake("rlhf_fast::logprobs_bwd")
     def _(grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _n_rows(logits)
+        return grad_like(logits)
 
     @torch.library.register_fake("rlhf_fast::logprobs_bwd_")
     def _(logits, grad_logp, grad_entropy, labels, lse, entropy, inv_temperature, ignore_index):
-        torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
+        _n_rows(logits)
         return None
 
     def _logprobs_setup(ctx, inputs, output):
@@ -70,7 +76,9 @@ if LOADED:
                                     setup_context=_logprobs_setup)
 
     def logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False):
-        logp, entropy, _ = ops.logprobs_fwd(logits, labels, 1.0 / temperature, ignore_index)
+        """logits [N, V] or [B, T, V] (any leading strides), labels of the leading shape."""
+        logp, entropy, _ = ops.logprobs_fwd(logits, labels.reshape(-1), 1.0 / temperature, ignore_index)
+        logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
         return (logp, entropy) if return_entropy else logp
 
     # ------------------------------------------------------------------ gae
@@ -274,12 +282,12 @@ if LOADED:
     @torch.library.register_fake("rlhf_fast::ppo_from_logits_fwd")
     def _(logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef, inv_temperature,
           clip_low, clip_high, dual_clip, agg):
-        torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
-        return old_logp.new_empty(()), old_logp.new_empty(6), old_logp.new_empty(logits.shape[0], 8)
+        return old_logp.new_empty(()), old_logp.new_empty(6), old_logp.new_empty(_n_rows(logits), 8)
 
     @torch.library.register_fake("rlhf_fast::ppo_from_logits_bwd")
     def _(grad_loss, logits, labels, saved, inv_temperature):
-        return logits.new_empty(logits.shape)
+        _n_rows(logits)
+        return grad_like(logits)
 
     def _from_logits_setup(ctx, inputs, output):
         logits, labels, old_logp, advantages, _, ref_logp = inputs[:6]
@@ -306,10 +314,7 @@ if LOADED:
                              dual_clip=None, agg="token-mean"):
         clip_high = clip_low if clip_high is None else clip_high
         dt = _math_dtype(logits, old_logp, advantages, *(() if ref_logp is None else (ref_logp,)))
-        V = logits.shape[-1]
-        x = logits.reshape(-1, V)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        x = logits_rows(logits)  # [B, T, V] view: a time slice logits[:, :-1] is not copied
         loss, st, _ = ops.ppo_from_logits_fwd(
             x, labels.reshape(-1).long(), old_logp.to(dt), advantages.to(dt), _weights(mask, dt),
             None if ref_logp is None else ref_logp.to(dt), float(kl_coef), kl_estimator, float(entropy_coef),

@@ -11,6 +11,7 @@ import torch
 from . import _checks as check
 from . import reference as ref
 from ._backend import register, select
+from ._layout import logits_rows
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -23,9 +24,9 @@ for _name in ("logprobs", "linear_logprobs", "kl", "gae", "reinforce_pp_returns"
 
 
 def _flat_logits(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [N, V] with unit column stride (copies only if the last dim is strided)."""
-    x = logits.reshape(-1, logits.shape[-1])
-    return x if x.stride(-1) == 1 or x.shape[0] == 0 else x.contiguous()
+    """[..., V] -> a [B, T, V] view of the same memory: every logits backend takes any leading strides
+    (``logits[:, :-1]`` is not copied); copies only a strided vocabulary (see rlhf_fast._layout)."""
+    return logits_rows(logits)
 
 
 def _check_logits_labels(logits, labels, temperature):
@@ -52,7 +53,8 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
     V = logits.shape[-1]
     check.labels_in_range(labels, V, ignore_index)
     impl = select("logprobs", logits.device, backend)
-    out = impl(_flat_logits(logits), labels.reshape(-1).long(), temperature, ignore_index, return_entropy)
+    x = _flat_logits(logits)
+    out = impl(x, labels.reshape(x.shape[:-1]).long(), temperature, ignore_index, return_entropy)
     if return_entropy:
         return out[0].reshape(labels.shape), out[1].reshape(labels.shape)
     return out.reshape(labels.shape)

@@ -16,10 +16,14 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- log-probs
 def logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """log_softmax(logits / T)[label] and the entropy of softmax(logits / T); 0 where ignored."""
-    z = _acc(logits) / temperature
-    logp_all = torch.log_softmax(z, dim=-1)
+    """log_softmax(logits / T)[label] and the entropy of softmax(logits / T); 0 where ignored.
+
+    Ignored rows are left out of the softmax, so they get 0 and a zero gradient whatever their logits
+    hold (NaN included); a NaN logit in any other row makes that row's logp, entropy and gradient NaN.
+    """
     valid = labels != ignore_index
+    z = torch.where(valid.unsqueeze(-1), _acc(logits) / temperature, 0.0)
+    logp_all = torch.log_softmax(z, dim=-1)
     safe = torch.where(valid, labels, 0).long()
     logp = torch.where(valid, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
     if not return_entropy:

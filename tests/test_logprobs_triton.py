@@ -190,11 +190,13 @@ for dtype in ("bf16", "fp64"):
     common = {"V": "i32", "ignore_index": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32"}
     kernels = {
         "fwd": (tlp._logprobs_fwd_kernel,
-                {"x_ptr": f"*{dtype}", "stride_x": "i64", "labels_ptr": "*i64", "logp_ptr": stat, "ent_ptr": stat,
+                {"x_ptr": f"*{dtype}", "T": "i64", "s0": "i64", "s1": "i64", "labels_ptr": "*i64", "logp_ptr": stat,
+                 "ent_ptr": stat,
                  "lse_ptr": stat, **common, "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 {"ACC": acc, "BLOCK_V": tlp._MAX_BLOCK_V}),
         "bwd": (tlp._logprobs_bwd_kernel,
-                {"x_ptr": f"*{dtype}", "stride_x": "i64", "g_ptr": f"*{dtype}", "stride_g": "i64",
+                {"x_ptr": f"*{dtype}", "T": "i64", "s0": "i64", "s1": "i64", "g_ptr": f"*{dtype}", "g0": "i64",
+                 "g1": "i64",
                  "labels_ptr": "*i64", "glp_ptr": stat, "gent_ptr": stat, "lse_ptr": stat, "ent_ptr": stat, **common,
                  "HAS_GENT": "constexpr", "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 {"HAS_GENT": True, "ACC": acc, "BLOCK_V": tlp._MAX_BLOCK_V}),

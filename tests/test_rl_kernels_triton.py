@@ -287,12 +287,13 @@ _AOT = textwrap.dedent("""
     build(advantages._kl_rewards_kernel, dict(score_ptr=f32, lp_ptr=f32, ref_ptr=f32, m_ptr="*u8", out_ptr=f32,
           grad_ptr=f32, last_ptr="*i64", T=i32, beta=f64),
           dict(EST=2, PLUS=True, WRITE_GRAD=True, ACC=tl.float32, NTERMS=10, BLOCK_T=1024))
-    build(pl._fwd_kernel, dict(x_ptr="*bf16", stride_x=i32, lab_ptr="*i64", old_ptr=f32, adv_ptr=f32, ref_ptr=f32,
-          m_ptr="*u8", scale_ptr=f32, stats_ptr=f32, grads_ptr=f32, V=i32, T=i32, inv_t=f64, lo=f64, hi=f64,
-          dual_c=f64, kl_coef=f64, ent_coef=f64),
-          dict(HAS_DUAL=True, HAS_REF=True, EST=2, PLUS=False, ACC=tl.float32, NTERMS=10, BLOCK_V=4096))
-    build(pl._bwd_kernel, dict(x_ptr="*bf16", stride_x=i32, lab_ptr="*i64", grads_ptr=f32, G_ptr=f32,
-          dx_ptr="*bf16", stride_dx=i32, V=i32, inv_t=f64), dict(ACC=tl.float32, BLOCK_V=4096))
+    build(pl._fwd_kernel, dict(x_ptr="*bf16", XT=i32, xs0=i32, xs1=i32, lab_ptr="*i64", old_ptr=f32, adv_ptr=f32,
+          ref_ptr=f32, m_ptr="*u8", scale_ptr=f32, stats_ptr=f32, grads_ptr=f32, V=i32, T=i32, inv_t=f64, lo=f64,
+          hi=f64, dual_c=f64, kl_coef=f64, ent_coef=f64),
+          dict(HAS_DUAL=True, HAS_REF=True, EST=2, PLUS=False, ROW_ACC=tl.float32, ACC=tl.float32, NTERMS=10,
+               BLOCK_V=4096))
+    build(pl._bwd_kernel, dict(x_ptr="*bf16", XT=i32, xs0=i32, xs1=i32, lab_ptr="*i64", grads_ptr=f32, G_ptr=f32,
+          dx_ptr="*bf16", ds0=i32, ds1=i32, V=i32, inv_t=f64), dict(ROW_ACC=tl.float32, BLOCK_V=4096))
 """)
 
 

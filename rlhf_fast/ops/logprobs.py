@@ -12,37 +12,49 @@ fp16/bf16/fp32 logits are upcast to fp32 right after the load; fp64 logits are c
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from .. import _backend, _layout
 
 _MAX_BLOCK_V = 4096  # never a whole row in registers: V up to 262k is looped over
 
 
 @triton.jit
-def _logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, logp_ptr, ent_ptr, lse_ptr, V, ignore_index,
+def _row_offset(row, T, s0, s1):
+    """Offset of row `row` of a [B, T, V] view with strides (s0, s1, 1)."""
+    return (row // T) * s0 + (row % T) * s1
+
+
+@triton.jit
+def _logprobs_fwd_kernel(x_ptr, T, s0, s1, labels_ptr, logp_ptr, ent_ptr, lse_ptr, V, ignore_index,
                          inv_t_hi, inv_t_lo, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    if label == ignore_index:
+    if label == ignore_index:  # not read at all
         tl.store(logp_ptr + row, tl.zeros([], ACC))
         tl.store(ent_ptr + row, tl.zeros([], ACC))
         tl.store(lse_ptr + row, tl.zeros([], ACC))
+    elif (label < 0) | (label >= V):  # out of range (no host check ran): the row is NaN, nothing is read
+        nan = tl.full([], float("nan"), ACC)
+        tl.store(logp_ptr + row, nan)
+        tl.store(ent_ptr + row, nan)
+        tl.store(lse_ptr + row, nan)
     else:
         # 1/T as an fp32 pair: exact enough for fp64 rows (float kernel arguments are fp32)
         inv_t = (tl.zeros([], ACC) + inv_t_hi) + inv_t_lo
-        x_row = x_ptr + row * stride_x
+        x_row = x_ptr + _row_offset(row, T, s0, s1)
         cols = tl.arange(0, BLOCK_V)
         m = tl.full([], float("-inf"), ACC)   # running max (never 0: all-negative rows)
         s = tl.zeros([BLOCK_V], ACC)           # per lane Σ e^{z-m}, m the row's running max
         t = tl.zeros([BLOCK_V], ACC)           # per lane Σ e^{z-m}·(z-m)
-        z_label = tl.zeros([BLOCK_V], ACC)
         for start in range(0, V, BLOCK_V):
             c = start + cols
             z = tl.load(x_row + c, mask=c < V, other=float("-inf")).to(ACC) * inv_t
-            z_label += tl.where(c == label, z, 0.0)
+            # NaN needs no special case: whatever the max makes of it, its e = exp(NaN) turns s into NaN
             m_new = tl.maximum(m, tl.max(z, 0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite while the row is all -inf
             d = tl.where(m == float("-inf"), 0.0, m - m_ref)     # s = t = 0 while m is -inf
@@ -54,27 +66,32 @@ def _logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, logp_ptr, ent_ptr, lse_ptr
             s += e
             t += e * tl.where(w == float("-inf"), 0.0, w)  # e·(z-m) is 0, not nan, at -inf
             m = m_new
+        z_label = tl.load(x_row + label).to(ACC) * inv_t  # once, outside the loop
         s_row = tl.sum(s, 0)
         log_s = tl.log(s_row)
         lse = m + log_s
-        tl.store(logp_ptr + row, tl.sum(z_label, 0) - lse)
+        tl.store(logp_ptr + row, z_label - lse)
         tl.store(ent_ptr + row, log_s - tl.sum(t, 0) / s_row)
         tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
-def _logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr,
+def _logprobs_bwd_kernel(x_ptr, T, s0, s1, g_ptr, g0, g1, labels_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr,
                          V, ignore_index, inv_t_hi, inv_t_lo, HAS_GENT: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_V: tl.constexpr):
     # g_ptr may be x_ptr (in-place): each element is read before it is written, by the same program
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    g_row = g_ptr + row * stride_g
+    g_row = g_ptr + _row_offset(row, T, g0, g1)
     cols = tl.arange(0, BLOCK_V)
     if label == ignore_index:
         for start in range(0, V, BLOCK_V):
             c = start + cols
             tl.store(g_row + c, tl.zeros([BLOCK_V], ACC).to(g_ptr.dtype.element_ty), mask=c < V)
+    elif (label < 0) | (label >= V):  # out-of-range label: a NaN row, the logits not read
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            tl.store(g_row + c, tl.full([BLOCK_V], float("nan"), ACC).to(g_ptr.dtype.element_ty), mask=c < V)
     else:
         inv_t = (tl.zeros([], ACC) + inv_t_hi) + inv_t_lo
         a = tl.load(glp_ptr + row).to(ACC) * inv_t
@@ -83,7 +100,7 @@ def _logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, glp_ptr, 
             b = tl.load(gent_ptr + row).to(ACC) * inv_t
         lse = tl.load(lse_ptr + row).to(ACC)
         h = tl.load(ent_ptr + row).to(ACC)
-        x_row = x_ptr + row * stride_x
+        x_row = x_ptr + _row_offset(row, T, s0, s1)
         for start in range(0, V, BLOCK_V):
             c = start + cols
             z = tl.load(x_row + c, mask=c < V, other=float("-inf")).to(ACC) * inv_t
@@ -94,51 +111,74 @@ def _logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, glp_ptr, 
             tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
 
 
+def device_guard(x: torch.Tensor):
+    """The launch context of a kernel on x: its CUDA device (tensors on cuda:1 need no set_device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _split(inv_t: float) -> tuple[float, float]:
     hi = float(torch.tensor(inv_t, dtype=torch.float32))
     return hi, float(torch.tensor(inv_t - hi, dtype=torch.float32))
 
 
-def _launch_params(logits: torch.Tensor) -> dict:
-    block = min(_MAX_BLOCK_V, max(16, triton.next_power_of_2(logits.shape[1])))
-    return dict(ACC=tl.float64 if logits.dtype == torch.float64 else tl.float32, BLOCK_V=block,
+def _launch_params(V: int, dtype: torch.dtype) -> dict:
+    block = min(_MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    return dict(ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_V=block,
                 num_warps=8 if block >= 2048 else 4)
 
 
-def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int):
-    """logits [N, V] (unit column stride), labels [N] int64 -> logp, entropy, lse [N] (fp32; fp64 for fp64).
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] or [B, T, V] (unit stride over V) -> the [B, T, V] view the kernels index."""
+    x = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    assert x.dim() == 3 and (x.stride(2) == 1 or x.shape[2] <= 1 or x.numel() == 0), \
+        "logits: [N, V] or [B, T, V] with unit stride over V"
+    return x
 
-    Same contract as torch.ops.rlhf_fast.logprobs_fwd: ignored rows give 0, 0, 0."""
-    assert logits.dim() == 2 and (logits.stride(1) == 1 or logits.shape[0] == 0), "logits: [N, V], unit column stride"
-    N, V = logits.shape
+
+def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int):
+    """logits [N, V] or [B, T, V] (any leading strides, unit stride over V), labels [N = B·T] int64
+    -> logp, entropy, lse [N] (fp32; fp64 for fp64 logits).
+
+    Same contract as torch.ops.rlhf_fast.logprobs_fwd: ignored rows give 0, 0, 0; rows whose label is
+    neither ignore_index nor in [0, V) give NaN and are not read."""
+    x = as_rows(logits)
+    B, T, V = x.shape
+    N = B * T
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp, ent, lse = (torch.empty(N, dtype=dt, device=logits.device) for _ in range(3))
     if N:
         hi, lo = _split(inv_temperature)
-        _logprobs_fwd_kernel[(N,)](logits, logits.stride(0), labels.contiguous(), logp, ent, lse, V, ignore_index,
-                                   hi, lo, **_launch_params(logits))
+        with device_guard(x):
+            _logprobs_fwd_kernel[(N,)](x, T, x.stride(0), x.stride(1), labels.reshape(-1).contiguous(), logp, ent,
+                                       lse, V, ignore_index, hi, lo, **_launch_params(V, x.dtype))
     return logp, ent, lse
 
 
 def logprobs_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temperature: float,
                  ignore_index: int, out: torch.Tensor | None = None):
-    """grad logits [N, V] in the logits dtype (contract of torch.ops.rlhf_fast.logprobs_bwd);
-    grad_logp / grad_entropy [N] or None. ``out`` (may be ``logits`` itself) receives the gradient."""
-    N, V = logits.shape
+    """grad logits in the logits dtype, shape and strides (contract of torch.ops.rlhf_fast.logprobs_bwd;
+    NaN rows for out-of-range labels); grad_logp / grad_entropy [N] or None. ``out`` (may be ``logits``
+    itself) receives the gradient."""
+    x = as_rows(logits)
+    B, T, V = x.shape
+    N = B * T
     if out is None:
-        out = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+        out = _layout.grad_like(logits)
+    o = as_rows(out)
     if N:
         hi, lo = _split(inv_temperature)
-        glp = torch.zeros_like(lse) if grad_logp is None else grad_logp.contiguous()
-        gent = glp if grad_entropy is None else grad_entropy.contiguous()  # unread without HAS_GENT
-        _logprobs_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels.contiguous(), glp, gent,
-                                   lse, entropy, V, ignore_index, hi, lo, HAS_GENT=grad_entropy is not None,
-                                   **_launch_params(logits))
+        glp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).contiguous()
+        gent = glp if grad_entropy is None else grad_entropy.reshape(-1).contiguous()  # unread without HAS_GENT
+        with device_guard(x):
+            _logprobs_bwd_kernel[(N,)](x, T, x.stride(0), x.stride(1), o, o.stride(0), o.stride(1),
+                                       labels.reshape(-1).contiguous(), glp, gent, lse, entropy, V, ignore_index,
+                                       hi, lo, HAS_GENT=grad_entropy is not None, **_launch_params(V, x.dtype))
     return out
 
 
 class LogprobsFunction(torch.autograd.Function):
-    """(logits [N, V], labels [N]) -> (logp [N], entropy [N]); saves the logits and two [N] statistics.
+    """(logits [N, V] or [B, T, V], labels [N]) -> (logp [N], entropy [N]); saves the logits and two [N]
+    statistics.
 
     ``inplace_backward=True`` writes grad logits into the logits buffer (no second [N, V]); the
     logits' version counter is bumped, so any other use of them in the graph fails loudly."""
@@ -163,8 +203,11 @@ class LogprobsFunction(torch.autograd.Function):
 
 
 def logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False, *, inplace_backward=False):
-    """The "triton" backend of ``rf.logprobs`` (signature of ``reference.logprobs``): logits [N, V]."""
-    logp, ent = LogprobsFunction.apply(logits, labels, float(temperature), int(ignore_index), inplace_backward)
+    """The "triton" backend of ``rf.logprobs`` (signature of ``reference.logprobs``): logits [N, V] or
+    [B, T, V] with any leading strides (unit stride over V), labels of the leading shape."""
+    logp, ent = LogprobsFunction.apply(logits, labels.reshape(-1), float(temperature), int(ignore_index),
+                                       inplace_backward)
+    logp, ent = logp.view(labels.shape), ent.view(labels.shape)
     return (logp, ent) if return_entropy else logp
 
 
@@ -175,14 +218,16 @@ def logprobs_inplace_backward(logits, labels, *, temperature=1.0, ignore_index=-
     needs the logits after this op's backward (e.g. logits straight out of the lm_head matmul,
     whose backward does not read its output); a graph that does reuse them raises autograd's
     "modified by an inplace operation" error rather than computing wrong gradients, and so does a
-    second backward through this op (retain_graph). Same shapes as ``rf.logprobs``; when
-    ``logits [..., V]`` cannot be flattened to [N, V] without a copy, the copy is what gets reused.
+    second backward through this op (retain_graph). Same shapes as ``rf.logprobs``; strided views
+    (``logits[:, :-1]``) are written in place; when ``logits [..., V]`` cannot be seen as [B, T, V]
+    without a copy (a strided vocabulary), the copy is what gets reused.
     """
     from ..functional import _check_logits_labels, _flat_logits, check
 
     _check_logits_labels(logits, labels, temperature)
     check.labels_in_range(labels, logits.shape[-1], ignore_index)
-    out = logprobs(_flat_logits(logits), labels.reshape(-1).long(), temperature, ignore_index, return_entropy,
+    x = _flat_logits(logits)
+    out = logprobs(x, labels.reshape(x.shape[:-1]).long(), temperature, ignore_index, return_entropy,
                    inplace_backward=True)
     if return_entropy:
         return out[0].reshape(labels.shape), out[1].reshape(labels.shape)

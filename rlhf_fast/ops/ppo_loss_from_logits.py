@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from .. import _backend, _layout
+from .._layout import logits_rows
 from .kl import acc_dtypes, estimator_code, kl_elem
+from . import logprobs as _tlp
 from .ppo_loss import _mask_arg, agg_row_scale, flat_bt, ppo_token
 
 MAX_BLOCK_V = 4096  # chunk of the vocabulary held in registers (tests lower it to exercise the loop)
@@ -30,38 +32,60 @@ _NS, _NG = 8, 8  # columns of the per-token stats and gradient buffers
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, stride_x, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scale_ptr, stats_ptr, grads_ptr,
-                V, T, inv_t: "fp64", lo: "fp64", hi: "fp64", dual_c: "fp64", kl_coef: "fp64", ent_coef: "fp64",
-                HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, EST: tl.constexpr, PLUS: tl.constexpr,
-                ACC: tl.constexpr, NTERMS: tl.constexpr, BLOCK_V: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    row = x_ptr + n * stride_x
-    it = tl.full([], inv_t, ACC)
+def _row_stats(row, V, it, ROW_ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(m, log_s, Σ e·(z - m/T)) of one row: m the raw max, log_s = log Σ exp((x - m)/T). A NaN logit
+    makes log_s NaN (its e is NaN: `x != -inf` holds for NaN, unlike `x > -inf`)."""
     cols = tl.arange(0, BLOCK_V)
     # the max is taken over the raw logits x (temperature > 0 commutes with it) and z - max formed as
     # (x - max)·(1/T): exact subtraction first, so huge logits lose nothing to the temperature product
-    m = tl.full([], float("-inf"), ACC)
-    s = tl.zeros([], ACC)  # Σ exp(z - m/T)
-    t = tl.zeros([], ACC)  # Σ exp(z - m/T)·(z - m/T)
+    m = tl.full([], float("-inf"), ROW_ACC)
+    s = tl.zeros([], ROW_ACC)  # Σ exp(z - m/T)
+    t = tl.zeros([], ROW_ACC)  # Σ exp(z - m/T)·(z - m/T)
     for start in range(0, V, BLOCK_V):
         c = start + cols
-        x = tl.load(row + c, mask=c < V, other=float("-inf")).to(ACC)
+        x = tl.load(row + c, mask=c < V, other=float("-inf")).to(ROW_ACC)
         m_new = tl.maximum(m, tl.max(x, 0))
-        fin = x > float("-inf")
+        fin = x != float("-inf")
         zm = tl.where(fin, (x - m_new) * it, 0.0)
         e = tl.where(fin, tl.exp(zm), 0.0)
-        # rescale the running sums to the new max (nothing to rescale while they are empty)
+        # rescale the running sums to the new max (nothing to rescale while they are empty; a NaN s stays NaN)
         shift = tl.where(s > 0, (m - m_new) * it, 0.0)
         alpha = tl.exp(shift)
         t = alpha * (t + shift * s) + tl.sum(e * zm, 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new
-    log_s = tl.log(s)
+    return m, tl.log(s), t / s
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scale_ptr, stats_ptr, grads_ptr,
+                V, T, inv_t: "fp64", lo: "fp64", hi: "fp64", dual_c: "fp64", kl_coef: "fp64", ent_coef: "fp64",
+                HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, EST: tl.constexpr, PLUS: tl.constexpr,
+                ROW_ACC: tl.constexpr, ACC: tl.constexpr, NTERMS: tl.constexpr, BLOCK_V: tl.constexpr):
+    # logits [B, XT, V] with strides (xs0, xs1, 1); the row pass in ROW_ACC (the logits' math dtype),
+    # the per-token math in ACC (fp64 if any per-token input is)
+    n = tl.program_id(0).to(tl.int64)
+    row = x_ptr + (n // XT) * xs0 + (n % XT) * xs1
+    it = tl.full([], inv_t, ROW_ACC)
     label = tl.load(lab_ptr + n)
     ignored = label == -100
-    x_lab = tl.load(row + tl.where(ignored, 0, label)).to(ACC)
-    logp = tl.where(ignored, 0.0, (x_lab - m) * it - log_s)
-    ent = tl.where(ignored, 0.0, log_s - t / s)
+    m = tl.zeros([], ROW_ACC)
+    log_s = tl.zeros([], ROW_ACC)
+    logp = tl.zeros([], ROW_ACC)
+    ent = tl.zeros([], ROW_ACC)
+    if (label >= 0) & (label < V):
+        m, log_s, tbar = _row_stats(row, V, it, ROW_ACC, BLOCK_V)
+        x_lab = tl.load(row + label).to(ROW_ACC)
+        logp = (x_lab - m) * it - log_s
+        ent = log_s - tbar
+    elif label != -100:  # out-of-range label (no host check ran): a NaN row, nothing read
+        m = tl.full([], float("nan"), ROW_ACC)
+        log_s = m
+        logp = m
+        ent = m
+    # ignored rows are not read: logp = H = 0 and a zero gradient row
+    logp = logp.to(ACC)
+    ent = ent.to(ACC)
 
     old = tl.load(old_ptr + n).to(ACC)
     adv = tl.load(adv_ptr + n).to(ACC)
@@ -89,8 +113,8 @@ def _fwd_kernel(x_ptr, stride_x, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scal
     gr = grads_ptr + n * 8
     tl.store(gr + 0, tl.where(ignored, 0.0, g_lp))  # an ignored label's logp is the constant 0
     tl.store(gr + 1, tl.where(ignored, 0.0, g_ent))
-    tl.store(gr + 2, m)  # lse = m/T + log_s, kept apart: (x - m)/T - log_s is accurate for huge x
-    tl.store(gr + 7, log_s)
+    tl.store(gr + 2, m.to(ACC))  # lse = m/T + log_s, kept apart: (x - m)/T - log_s is accurate for huge x
+    tl.store(gr + 7, log_s.to(ACC))
     tl.store(gr + 3, ent)
     tl.store(gr + 4, -w * d_lp)  # d old_logp
     tl.store(gr + 5, w * d_adv)
@@ -98,30 +122,40 @@ def _fwd_kernel(x_ptr, stride_x, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scal
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, stride_x, lab_ptr, grads_ptr, G_ptr, dx_ptr, stride_dx, V, inv_t: "fp64",
-                ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _bwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, grads_ptr, G_ptr, dx_ptr, ds0, ds1, V, inv_t: "fp64",
+                ROW_ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    row = x_ptr + n * stride_x
-    it = tl.full([], inv_t, ACC)
-    G = tl.load(G_ptr).to(ACC)
-    gr = grads_ptr + n * 8
-    g_lp = G * tl.load(gr + 0)
-    g_ent = G * tl.load(gr + 1)
-    m = tl.load(gr + 2)
-    log_s = tl.load(gr + 7)
-    ent = tl.load(gr + 3)
+    row = x_ptr + (n // XT) * xs0 + (n % XT) * xs1
+    drow = dx_ptr + (n // XT) * ds0 + (n % XT) * ds1
     label = tl.load(lab_ptr + n)
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        inb = c < V
-        x = tl.load(row + c, mask=inb, other=float("-inf")).to(ACC)
-        fin = x > float("-inf")
-        zl = tl.where(fin, (x - m) * it - log_s, 0.0)  # log p
-        p = tl.where(fin, tl.exp(zl), 0.0)
-        onehot = (c == label).to(ACC)
-        gz = g_lp * (onehot - p) - g_ent * p * (zl + ent)
-        tl.store(dx_ptr + n * stride_dx + c, (gz * it).to(dx_ptr.dtype.element_ty), mask=inb)
+    if label == -100:  # ignored: a zero row, the logits not read
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            tl.store(drow + c, tl.zeros([BLOCK_V], ROW_ACC).to(dx_ptr.dtype.element_ty), mask=c < V)
+    elif (label < 0) | (label >= V):  # out-of-range label: a NaN row, the logits not read
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            tl.store(drow + c, tl.full([BLOCK_V], float("nan"), ROW_ACC).to(dx_ptr.dtype.element_ty), mask=c < V)
+    else:
+        it = tl.full([], inv_t, ROW_ACC)
+        G = tl.load(G_ptr)
+        gr = grads_ptr + n * 8
+        g_lp = (G * tl.load(gr + 0)).to(ROW_ACC)
+        g_ent = (G * tl.load(gr + 1)).to(ROW_ACC)
+        m = tl.load(gr + 2).to(ROW_ACC)
+        log_s = tl.load(gr + 7).to(ROW_ACC)
+        ent = tl.load(gr + 3).to(ROW_ACC)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            inb = c < V
+            x = tl.load(row + c, mask=inb, other=float("-inf")).to(ROW_ACC)
+            fin = x != float("-inf")
+            zl = tl.where(fin, (x - m) * it - log_s, 0.0)  # log p
+            p = tl.where(fin, tl.exp(zl), 0.0)
+            onehot = (c == label).to(ROW_ACC)
+            gz = g_lp * (onehot - p) - g_ent * p * (zl + ent)
+            tl.store(drow + c, (gz * it).to(dx_ptr.dtype.element_ty), mask=inb)
 
 
 def _block_v(V):
@@ -133,28 +167,28 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
                 temperature, clip_low, clip_high, dual_clip, agg):
         dt, acc, nterms = acc_dtypes(logits, old_logp, advantages, ref_logp)
-        V = logits.shape[-1]
-        x = logits.reshape(-1, V)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        row_acc = tl.float64 if logits.dtype == torch.float64 else tl.float32  # as the CUDA kernels
+        x = _tlp.as_rows(logits_rows(logits))  # [B, T, V] view of the logits: no copy of a time slice
+        V = x.shape[-1]
         old, B, T = flat_bt(old_logp, agg)
         adv, m = flat_bt(advantages, agg)[0], flat_bt(mask, agg)[0]
         rf = flat_bt(ref_logp, agg)[0] if ref_logp is not None else old
         lab = labels.reshape(-1).contiguous()
         scale, tot = agg_row_scale(m, agg, dt)
-        N = x.shape[0]
+        N = x.shape[0] * x.shape[1]
         stats = torch.zeros(N, _NS, dtype=dt, device=x.device)
         grads = torch.zeros(N, _NG, dtype=dt, device=x.device)
         has_ref = ref_logp is not None
         use_kl = has_ref and bool(kl_coef)
         est, plus = estimator_code(kl_estimator)
         if N:
-            _fwd_kernel[(N,)](
-                x, x.stride(0), lab, old, adv, rf, _mask_arg(m), scale, stats, grads, V, T, 1.0 / temperature,
-                1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
-                float(dual_clip) if dual_clip is not None else 0.0, float(kl_coef) if use_kl else 0.0,
-                float(entropy_coef), HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, EST=est, PLUS=plus,
-                ACC=acc, NTERMS=nterms, BLOCK_V=_block_v(V))
+            with _tlp.device_guard(x):
+                _fwd_kernel[(N,)](
+                    x, x.shape[1], x.stride(0), x.stride(1), lab, old, adv, rf, _mask_arg(m), scale, stats, grads,
+                    V, T, 1.0 / temperature, 1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
+                    float(dual_clip) if dual_clip is not None else 0.0, float(kl_coef) if use_kl else 0.0,
+                    float(entropy_coef), HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, EST=est, PLUS=plus,
+                    ROW_ACC=row_acc, ACC=acc, NTERMS=nterms, BLOCK_V=_block_v(V))
         sums = stats.sum(0)
         pg_loss, ent = sums[0], sums[1]
         loss = pg_loss.clone()
@@ -164,7 +198,7 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
             loss = loss + kl_coef * sums[2]
         out = [pg_loss, sums[3] / tot, sums[4] / tot, sums[5] / tot, ent, sums[2]]
         ctx.save_for_backward(x, lab, grads)
-        ctx.inv_t, ctx.acc = 1.0 / temperature, acc
+        ctx.inv_t, ctx.row_acc = 1.0 / temperature, row_acc
         ctx.meta = [(t.shape, t.dtype) if t is not None else None
                     for t in (logits, old_logp, advantages, ref_logp)]
         ctx.use_kl = use_kl
@@ -179,10 +213,12 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
         d_logits = d_old = d_adv = d_ref = None
         G = G.reshape(1).to(grads.dtype)
         if need[0]:
-            d_logits = torch.empty(x.shape, dtype=ldt, device=x.device)
-            if x.shape[0]:
-                _bwd_kernel[(x.shape[0],)](x, x.stride(0), lab, grads, G, d_logits, d_logits.stride(0), x.shape[1],
-                                           ctx.inv_t, ACC=ctx.acc, BLOCK_V=_block_v(x.shape[1]))
+            d_logits = _layout.grad_like(x)  # the logits' own strides: rows share their 16-byte phase
+            B, T, V = x.shape
+            if B * T:
+                with _tlp.device_guard(x):
+                    _bwd_kernel[(B * T,)](x, T, x.stride(0), x.stride(1), lab, grads, G, d_logits, d_logits.stride(0),
+                                          d_logits.stride(1), V, ctx.inv_t, ROW_ACC=ctx.row_acc, BLOCK_V=_block_v(V))
             d_logits = d_logits.view(ls)
         if need[2]:
             d_old = (G * grads[:, 4]).view(os_).to(odt)
