@@ -1,4 +1,5 @@
-// logprobs on CUDA, the math of logprobs_cpu.cpp. Forward: one block per row (grid-stride over rows,
+// logprobs on CUDA, the math of logprobs_cpu.cpp (logits [N, V] or [B, T, V], any leading strides:
+// logits_layout.h). Forward: one block per row (grid-stride over rows,
 // 1-D grid), one read of the row with 128-bit loads (8 bf16/fp16, 4 fp32, 2 fp64 per thread), each
 // thread keeping an online (max m, s = Σ e^{z-m}, t = Σ e^{z-m}(z-m)) triple, merged by warp shuffles
 // and then across warps through shared memory in a fixed order (deterministic). Backward: one read and
@@ -24,20 +25,25 @@ namespace rlhf_fast {
 namespace {
 
 template <typename scalar_t>
-__global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels,
+__global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, RowLayout L, const int64_t* __restrict__ labels,
                                     acc_type<scalar_t>* __restrict__ logp, acc_type<scalar_t>* __restrict__ entropy,
-                                    acc_type<scalar_t>* __restrict__ lse, int64_t N, int64_t V, int64_t row_stride,
-                                    acc_type<scalar_t> inv_t, int64_t ignore_index) {
+                                    acc_type<scalar_t>* __restrict__ lse, acc_type<scalar_t> inv_t,
+                                    int64_t ignore_index) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t sm[32], ss[32], stt[32];
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
     const int64_t label = labels[r];
-    if (label == ignore_index) {  // uniform over the block: no barrier is skipped by part of it
+    // both skips are uniform over the block: no barrier is skipped by part of it
+    if (label == ignore_index) {
       if (threadIdx.x == 0) logp[r] = entropy[r] = lse[r] = acc_t(0);
       continue;
     }
-    const scalar_t* row = x + r * row_stride;
-    const Triple<acc_t> st = block_row_triple(row, V, inv_t, sm, ss, stt);
+    if (!label_in_row(label, L.V)) {  // out of range (no host check ran): NaN, the row not read
+      if (threadIdx.x == 0) logp[r] = entropy[r] = lse[r] = std::numeric_limits<acc_t>::quiet_NaN();
+      continue;
+    }
+    const scalar_t* row = x + L.offset(r);
+    const Triple<acc_t> st = block_row_triple(row, L.V, inv_t, sm, ss, stt);
     if (threadIdx.x == 0) {
       const acc_t log_s = d_log(st.s);
       logp[r] = (static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s;
@@ -49,35 +55,37 @@ __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, const int64_
 
 // `out` may alias `x` (in-place backward): every element is read before it is written, by one thread.
 template <typename scalar_t>
-__global__ void logprobs_bwd_kernel(const scalar_t* x, int64_t x_stride, scalar_t* out, int64_t out_stride,
+__global__ void logprobs_bwd_kernel(const scalar_t* x, RowLayout L, scalar_t* out, RowLayout OL,
                                     const int64_t* __restrict__ labels, const acc_type<scalar_t>* __restrict__ g_lp,
                                     const acc_type<scalar_t>* __restrict__ g_ent,
                                     const acc_type<scalar_t>* __restrict__ lse,
-                                    const acc_type<scalar_t>* __restrict__ entropy, int64_t N, int64_t V,
-                                    acc_type<scalar_t> inv_t, int64_t ignore_index) {
+                                    const acc_type<scalar_t>* __restrict__ entropy, acc_type<scalar_t> inv_t,
+                                    int64_t ignore_index) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
     const int64_t label = labels[r];
-    const bool ignored = label == ignore_index;
-    const acc_t a = ignored ? acc_t(0) : g_lp[r] * inv_t, b = ignored || !g_ent ? acc_t(0) : g_ent[r] * inv_t;
-    const acc_t l = ignored ? acc_t(0) : lse[r], h = ignored ? acc_t(0) : entropy[r];
-    block_row_grad(x + r * x_stride, out + r * out_stride, V, label, ignored, a, b, acc_t(0), l, h, inv_t);
+    const bool skip = label == ignore_index || !label_in_row(label, L.V);  // 0 or NaN rows, not read
+    const acc_t a = skip ? acc_t(0) : g_lp[r] * inv_t, b = skip || !g_ent ? acc_t(0) : g_ent[r] * inv_t;
+    const acc_t l = skip ? acc_t(0) : lse[r], h = skip ? acc_t(0) : entropy[r];
+    block_row_grad(x + L.offset(r), out + OL.offset(r), L.V, label, label == ignore_index, a, b, acc_t(0), l, h,
+                   inv_t);
   }
 }
 
 void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device(), "logprobs: expected CUDA tensors on one device");
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [N, V] with unit column stride");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be int64 [N]");
-  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, "logits must have V >= 1");
+  const RowLayout L = row_layout(logits, "logits");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == L.N && labels.scalar_type() == at::kLong,
+              "labels must be int64 [N] (one per logits row)");
+  TORCH_CHECK(L.N == 0 || L.V > 0, "logits must have V >= 1");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                                   double inv_temperature, int64_t ignore_index) {
   check_logits_labels(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const RowLayout L = row_layout(logits, "logits");
+  const int64_t N = L.N, V = L.V;
   const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = logits.options().dtype(out_dtype);
   at::Tensor logp = at::empty({N}, opts), entropy = at::empty({N}, opts), lse = at::empty({N}, opts);
@@ -87,20 +95,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     logprobs_fwd_kernel<scalar_t><<<blocks_for(N), threads_for(V), 0, stream>>>(
-        logits.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), N, V, row_stride, static_cast<acc_t>(inv_temperature), ignore_index);
+        logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(),
+        lse.data_ptr<acc_t>(), static_cast<acc_t>(inv_temperature), ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {logp, entropy, lse};
 }
 
-// Writes the gradient into `grad` (any row stride, unit column stride; may be `logits` itself).
+// Writes the gradient into `grad` (the logits' shape, any leading strides; may be `logits` itself).
 void logprobs_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& grad_logp,
                             const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                             const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                             double inv_temperature, int64_t ignore_index) {
   check_logits_labels(logits, labels);
-  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(grad.is_cuda() && grad.device() == logits.device() && grad.sizes() == logits.sizes(),
+              "grad logits must have the logits' shape and device");
+  const RowLayout L = row_layout(logits, "logits"), OL = row_layout(grad, "grad logits");
+  const int64_t N = L.N, V = L.V;
   if (N == 0) return;
   const at::Tensor lab = labels.contiguous(), glp = grad_logp.contiguous(), ls = lse.contiguous(),
                    ent = entropy.contiguous();
@@ -118,9 +129,9 @@ void logprobs_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& grad_logp,
                     (!has_gent || gent.scalar_type() == acc_st),
                 "grad_logp, grad_entropy, lse, entropy must be ", acc_st, " for ", logits.scalar_type(), " logits");
     logprobs_bwd_kernel<scalar_t><<<blocks_for(N), threads_for(V), 0, stream>>>(
-        logits.data_ptr<scalar_t>(), logits.stride(0), grad.data_ptr<scalar_t>(), grad.stride(0),
-        lab.data_ptr<int64_t>(), glp.data_ptr<acc_t>(), has_gent ? gent.data_ptr<acc_t>() : nullptr,
-        ls.data_ptr<acc_t>(), ent.data_ptr<acc_t>(), N, V, static_cast<acc_t>(inv_temperature), ignore_index);
+        logits.data_ptr<scalar_t>(), L, grad.data_ptr<scalar_t>(), OL, lab.data_ptr<int64_t>(), glp.data_ptr<acc_t>(),
+        has_gent ? gent.data_ptr<acc_t>() : nullptr, ls.data_ptr<acc_t>(), ent.data_ptr<acc_t>(),
+        static_cast<acc_t>(inv_temperature), ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -128,9 +139,8 @@ void logprobs_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& grad_logp,
 at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                              const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V]");
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  at::Tensor grad = grad_like(logits);  // the logits' strides: rows share their 16-byte phase
   logprobs_bwd_into_cuda(grad, grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index);
   return grad;
 }

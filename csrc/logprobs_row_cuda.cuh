@@ -5,6 +5,8 @@
 #pragma once
 #include <c10/macros/Macros.h>
 
+#include "logits_layout.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -56,13 +58,27 @@ __device__ __forceinline__ void rebase(Triple<acc_t>& st, acc_t m_new, acc_t inv
   st.m = m_new;
 }
 
-// Adds n raw logits z (n = VEC, or 1 for the head and tail): one rebase per group, as the CPU does per chunk.
+// A NaN logit makes the triple NaN (m = s = t = NaN) and it stays NaN through accumulate and merge.
+template <typename acc_t>
+__device__ __forceinline__ Triple<acc_t> nan_triple() {
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  return {nan, nan, nan};
+}
+
+// Adds n raw logits z (n = VEC, or 1 for the tail): one rebase per group, as the CPU does per chunk.
+// NaN: max() drops it, but beside a finite max its exp makes s NaN; a group whose max is -inf (or NaN,
+// all NaN) is searched for it, as row_stats does per chunk on the CPU.
 template <typename acc_t, int N>
 __device__ __forceinline__ void accumulate(Triple<acc_t>& st, const acc_t (&z)[N], acc_t inv_t) {
   acc_t zmax = z[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) zmax = max(zmax, z[k]);
-  if (zmax == -std::numeric_limits<acc_t>::infinity()) return;  // all -inf: contributes nothing
+  if (!(zmax > -std::numeric_limits<acc_t>::infinity())) {  // all -inf: contributes nothing, unless NaN
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (z[k] != z[k]) st = nan_triple<acc_t>();
+    return;
+  }
   if (zmax > st.m) rebase(st, zmax, inv_t);
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -73,12 +89,12 @@ __device__ __forceinline__ void accumulate(Triple<acc_t>& st, const acc_t (&z)[N
 }
 
 // (m1,s1,t1) ⊕ (m2,s2,t2) = (m, Σ e^{di}·si, Σ e^{di}·(ti + di·si)) with di = (mi - m)·inv_t; an empty
-// side (m = -inf) adds nothing, so there is no inf - inf.
+// side (m = -inf) adds nothing, so there is no inf - inf. A NaN side (m = NaN) gives NaN.
 template <typename acc_t>
 __device__ __forceinline__ Triple<acc_t> merge(const Triple<acc_t>& a, const Triple<acc_t>& b, acc_t inv_t) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t m = max(a.m, b.m);
-  if (m == kNegInf) return a;
+  const acc_t m = max(a.m, b.m);                 // drops a NaN m unless both are NaN
+  if (!(m > kNegInf)) return a.m != a.m ? a : b;  // both empty or NaN: the NaN one if any
   Triple<acc_t> r{m, acc_t(0), acc_t(0)};
   if (a.m != kNegInf) {
     const acc_t d = (a.m - m) * inv_t, e = d_exp(d);
@@ -126,25 +142,34 @@ __device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
 }
 
 // One block's pass over a row: the triple of z = x·inv_t (relative to the raw max), merged over the
-// block and valid in thread 0. A scalar head up to the first 16-byte boundary, then 16-byte loads,
-// then a scalar tail. Ends with block_merge's barrier.
+// block and valid in thread 0. Thread k takes the groups j ≡ k (mod blockDim) of VEC elements
+// [j·VEC, (j+1)·VEC) of the row, then the scalar tail past the last whole group: the grouping and the
+// merge order depend on the row's index space only, never on its address, so a row's bits do not
+// depend on where it lies (batch invariance). A row starting on a 16-byte boundary reads each group
+// with one 16-byte load; any other row (V·sizeof not a multiple of 16) reads the same groups with scalar
+// loads. Ends with block_merge's barrier.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Triple<acc_t> block_row_triple(const scalar_t* row, int64_t V, acc_t inv_t, acc_t* sm,
                                                           acc_t* ss, acc_t* stt) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   Triple<acc_t> st = empty_triple<acc_t>();
-  const int64_t head = head_len(row, V), n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-    const acc_t z[1] = {static_cast<acc_t>(row[i])};
-    accumulate(st, z, inv_t);
-  }
-  const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row + head);
-  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-    const Pack<scalar_t, VEC> p = vrow[j];
-    acc_t z[VEC];
+  const int64_t n_vec = V / VEC, tail = n_vec * VEC;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row);
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+      const Pack<scalar_t, VEC> p = vrow[j];
+      acc_t z[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
-    accumulate(st, z, inv_t);
+      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(p.v[k]);
+      accumulate(st, z, inv_t);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+      acc_t z[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] = static_cast<acc_t>(row[j * VEC + k]);
+      accumulate(st, z, inv_t);
+    }
   }
   for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) {
     const acc_t z[1] = {static_cast<acc_t>(row[i])};
@@ -185,8 +210,9 @@ __device__ __forceinline__ acc_t grad_entry(acc_t x, bool is_label, acc_t a, acc
   return is_label ? a * (acc_t(1) - p) - ent_term : -a * p - ent_term;
 }
 
-// One block writes one row of grad logits, grad_entry of each element (zeros for an ignored row),
-// with 16-byte loads and stores when `row` and `orow` share their offset from a 16-byte boundary.
+// One block writes one row of grad logits, grad_entry of each element, with 16-byte loads and stores
+// when `row` and `orow` share their offset from a 16-byte boundary (elementwise: the path taken does not
+// change any value). An ignored row gets zeros, a row whose label is out of [0, V) NaN; neither is read.
 // `orow` may be `row` (in-place backward): each element is read before it is written, by one thread.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void block_row_grad(const scalar_t* row, scalar_t* orow, int64_t V, int64_t label,
@@ -195,15 +221,17 @@ __device__ __forceinline__ void block_row_grad(const scalar_t* row, scalar_t* or
   constexpr int VEC = 16 / sizeof(scalar_t);
   using P = Pack<scalar_t, VEC>;
   const bool same_phase = ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(orow)) & 15) == 0;
-  const int64_t head = same_phase ? head_len(row, V) : V;
+  const int64_t head = same_phase ? head_len(orow, V) : V;
   const int64_t n_vec = (V - head) / VEC, tail = head + n_vec * VEC;
-  if (ignored) {
-    for (int64_t i = threadIdx.x; i < head; i += blockDim.x) orow[i] = scalar_t(0);
-    P zero;
+  if (ignored || !label_in_row(label, V)) {
+    const scalar_t v = ignored ? scalar_t(0) : static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    const int64_t ohead = head_len(orow, V), on_vec = (V - ohead) / VEC, otail = ohead + on_vec * VEC;
+    for (int64_t i = threadIdx.x; i < ohead; i += blockDim.x) orow[i] = v;
+    P fill;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) reinterpret_cast<P*>(orow + head)[j] = zero;
-    for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) orow[i] = scalar_t(0);
+    for (int k = 0; k < VEC; ++k) fill.v[k] = v;
+    for (int64_t j = threadIdx.x; j < on_vec; j += blockDim.x) reinterpret_cast<P*>(orow + ohead)[j] = fill;
+    for (int64_t i = otail + threadIdx.x; i < V; i += blockDim.x) orow[i] = v;
     return;
   }
   for (int64_t i = threadIdx.x; i < head; i += blockDim.x)

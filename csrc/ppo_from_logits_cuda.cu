@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "logprobs_row_cuda.cuh"
@@ -29,19 +30,22 @@ constexpr int kThreads = 256;  // token-pass kernels: multiple of 32, at most 10
 constexpr int64_t kIgnore = -100;
 
 template <typename scalar_t, typename T>
-__global__ void fl_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, T* __restrict__ sv,
-                               int64_t N, int64_t V, int64_t row_stride, acc_type<scalar_t> inv_t) {
+__global__ void fl_rows_kernel(const scalar_t* __restrict__ x, RowLayout L, const int64_t* __restrict__ labels,
+                               T* __restrict__ sv, acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t sm[32], ss[32], stt[32];
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
     T* col = sv + r * kFlCols;
     const int64_t label = labels[r];
-    if (label == kIgnore) {  // uniform over the block: no barrier is skipped by part of it
-      if (threadIdx.x == 0) col[0] = col[2] = col[3] = col[4] = T(0);
+    // uniform over the block: no barrier is skipped by part of it. Not read: ignored rows (0) and rows
+    // whose label is out of range (NaN; no host check ran)
+    if (label == kIgnore || !label_in_row(label, L.V)) {
+      if (threadIdx.x == 0)
+        col[0] = col[2] = col[3] = col[4] = label == kIgnore ? T(0) : std::numeric_limits<T>::quiet_NaN();
       continue;
     }
-    const scalar_t* row = x + r * row_stride;
-    const Triple<acc_t> st = block_row_triple(row, V, inv_t, sm, ss, stt);
+    const scalar_t* row = x + L.offset(r);
+    const Triple<acc_t> st = block_row_triple(row, L.V, inv_t, sm, ss, stt);
     if (threadIdx.x == 0) {
       const acc_t log_s = d_log(st.s);
       col[0] = static_cast<T>((static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s);  // logp until pass 2
@@ -111,20 +115,20 @@ __global__ void fl_scale_kernel(T* __restrict__ sv, const int64_t* __restrict__ 
   }
 }
 
-// grad_logits = G·(g_lp·(onehot - p) - g_ent·p·(log p + H)) / T, `out` contiguous [N, V].
+// grad_logits = G·(g_lp·(onehot - p) - g_ent·p·(log p + H)) / T, `out` in the layout OL (grad_like).
 template <typename scalar_t, typename T>
-__global__ void fl_bwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, scalar_t* __restrict__ out,
+__global__ void fl_bwd_kernel(const scalar_t* __restrict__ x, RowLayout L, scalar_t* __restrict__ out, RowLayout OL,
                               const int64_t* __restrict__ labels, const T* __restrict__ sv,
-                              const T* __restrict__ grad_loss, int64_t N, int64_t V, acc_type<scalar_t> inv_t) {
+                              const T* __restrict__ grad_loss, acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
   const double G = static_cast<double>(grad_loss[0]);
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
     const int64_t label = labels[r];
     const T* col = sv + r * kFlCols;  // zeros for ignored rows, whose coefficients are not used
     const acc_t a = static_cast<acc_t>(G * static_cast<double>(col[0]) * static_cast<double>(inv_t)),
                 b = static_cast<acc_t>(G * static_cast<double>(col[1]) * static_cast<double>(inv_t)),
                 shift = static_cast<acc_t>(col[2]), log_s = static_cast<acc_t>(col[3]), h = static_cast<acc_t>(col[4]);
-    block_row_grad(x + r * x_stride, out + r * V, V, label, label == kIgnore, a, b, shift, log_s, h, inv_t);
+    block_row_grad(x + L.offset(r), out + OL.offset(r), L.V, label, label == kIgnore, a, b, shift, log_s, h, inv_t);
   }
 }
 
@@ -140,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cuda(
   const bool has_ref = ref_logp.has_value() && ref_logp->defined();
   const FlConfig cfg = parse_fl(dual_clip, has_ref, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const RowLayout L = row_layout(logits, "ppo_from_logits: logits");
+  const int64_t N = L.N, V = L.V;
   const at::Tensor lab = labels.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(),
                    m = mask.contiguous(), ref = has_ref ? ref_logp->contiguous() : old;
   const auto opts = old.options();
@@ -156,8 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cuda(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_rows", [&] {
         using acc_t = acc_type<scalar_t>;
         fl_rows_kernel<scalar_t, T><<<blocks_for(N), threads_for(V), 0, stream>>>(
-            logits.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), sv, N, V, row_stride,
-            static_cast<acc_t>(inv_temperature));
+            logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), sv, static_cast<acc_t>(inv_temperature));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       auto launch = [&](auto* mask_ptr) {
@@ -188,15 +192,16 @@ at::Tensor ppo_from_logits_bwd_cuda(const at::Tensor& grad_loss, const at::Tenso
   TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device() && saved.device() == logits.device() &&
                   grad_loss.device() == logits.device(),
               "ppo_from_logits_bwd: expected CUDA tensors on one device");
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "ppo_from_logits: logits must be [N, V] with unit column stride");
-  const int64_t N = logits.size(0), V = logits.size(1);
+  const RowLayout L = row_layout(logits, "ppo_from_logits: logits");
+  const int64_t N = L.N, V = L.V;
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N && labels.scalar_type() == at::kLong,
               "ppo_from_logits: labels must be int64 [N]");
   TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == kFlCols && grad_loss.numel() == 1 &&
                   grad_loss.scalar_type() == saved.scalar_type(),
               "ppo_from_logits_bwd: expected saved [N, ", kFlCols, "] and a one-element grad_loss of its dtype");
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty({N, V}, logits.options());
+  at::Tensor grad = grad_like(logits);  // the logits' strides: rows share their 16-byte phase
+  const RowLayout OL = row_layout(grad, "grad logits");
   if (N == 0) return grad;
   const at::Tensor lab = labels.contiguous(), sv = saved.contiguous(), g = grad_loss.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -205,8 +210,8 @@ at::Tensor ppo_from_logits_bwd_cuda(const at::Tensor& grad_loss, const at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_bwd_rows", [&] {
       using acc_t = acc_type<scalar_t>;
       fl_bwd_kernel<scalar_t, T><<<blocks_for(N), threads_for(V), 0, stream>>>(
-          logits.data_ptr<scalar_t>(), logits.stride(0), grad.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(),
-          sv.data_ptr<T>(), g.data_ptr<T>(), N, V, static_cast<acc_t>(inv_temperature));
+          logits.data_ptr<scalar_t>(), L, grad.data_ptr<scalar_t>(), OL, lab.data_ptr<int64_t>(), sv.data_ptr<T>(),
+          g.data_ptr<T>(), static_cast<acc_t>(inv_temperature));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -465,3 +465,26 @@ def test_triton_ppo_accumulates_in_the_logits_dtype(monkeypatch):
         assert seen["ROW_ACC"] == want and seen["ACC"] == tl.float64
         want_loss, _ = rf.ppo_loss_from_logits(x.to(dtype).double(), labels, old, old, labels >= 0, backend="reference")
         assert_rel(got, want_loss, 1e-5 if dtype != torch.float64 else 1e-12, f"{dtype} loss")
+
+
+@pytest.mark.skipif(not _compiled.LOADED, reason="compiled extension not built")
+def test_opcheck_on_strided_views():
+    """The fake impls (rlhf_fast/_compiled.py) agree with the kernels on 3-D strided views (shapes and
+    strides of every output). (No bad label here: opcheck compares outputs with NaN != NaN.)"""
+    ops = torch.ops.rlhf_fast
+    big = torch.randn(2, 5, 41, device=DEVICE)
+    x = big[:, :-1, :37].detach().requires_grad_()  # [2, 4, 37], strides (205, 41, 1)
+    labels = torch.randint(0, 37, (8,), device=DEVICE)
+    labels[1] = -100
+    torch.library.opcheck(ops.logprobs_fwd, (x, labels, 1.25, -100))
+    _, ent, lse = ops.logprobs_fwd(x.detach(), labels, 1.25, -100)
+    g = torch.randn(2, 8, device=DEVICE)
+    torch.library.opcheck(ops.logprobs_bwd, (g[0], g[1], x.detach(), labels, lse, ent, 1.25, -100))
+    torch.library.opcheck(ops.logprobs_bwd_, (big.clone()[:, :-1, :37], g[0], g[1], labels, lse, ent, 1.25, -100))
+    assert ops.logprobs_bwd(g[0], None, x.detach(), labels, lse, ent, 1.25, -100).stride() == x.stride()
+    old, adv = (torch.randn(2, 4, device=DEVICE, requires_grad=True) for _ in range(2))
+    args = (x, labels, old, adv, torch.ones(2, 4, dtype=torch.bool, device=DEVICE), None, 0.0, "k3", 0.01, 1.0,
+            0.2, 0.2, None, "token-mean")
+    torch.library.opcheck(ops.ppo_from_logits_fwd, args)
+    _, _, saved = ops.ppo_from_logits_fwd(*args)
+    torch.library.opcheck(ops.ppo_from_logits_bwd, (torch.tensor(1.0, device=DEVICE), x.detach(), labels, saved, 1.0))
