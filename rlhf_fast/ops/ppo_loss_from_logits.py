@@ -75,7 +75,7 @@ def _fwd_kernel(x_ptr, stride_x, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scal
     if HAS_REF:
         rf = tl.load(ref_ptr + n).to(ACC)
         k, dk = kl_elem(logp - rf, EST, PLUS, NTERMS)
-        g_kl = w * tl.full([], kl_coef, ACC) * dk
+        g_kl = tl.where(kl_coef != 0, w * tl.full([], kl_coef, ACC) * dk, 0.0)  # no 0·NaN: KL only a stat
         g_lp += g_kl
         d_ref = -g_kl
     g_ent = -w * tl.full([], ent_coef, ACC)
