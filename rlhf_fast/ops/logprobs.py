@@ -12,6 +12,8 @@ fp16/bf16/fp32 logits are upcast to fp32 right after the load; fp64 logits are c
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -94,9 +96,13 @@ def _logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, glp_ptr, 
             tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]  # rounded to fp32 on the host: no tensor, no sync
+
+
 def _split(inv_t: float) -> tuple[float, float]:
-    hi = float(torch.tensor(inv_t, dtype=torch.float32))
-    return hi, float(torch.tensor(inv_t - hi, dtype=torch.float32))
+    hi = _f32(inv_t)
+    return hi, _f32(inv_t - hi)
 
 
 def _launch_params(logits: torch.Tensor) -> dict:
