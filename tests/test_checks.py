@@ -87,10 +87,10 @@ def test_checks_on_sync_and_raise():
         with pytest.raises(ValueError, match="labels must be in"):
             rf.logprobs(logits, labels)
         with pytest.raises(ValueError, match="labels must be in"):
-            rf.ppo_loss_from_logits(logits[None], labels[None], torch.zeros(1, 3), torch.zeros(1, 3),
-                                    torch.ones(1, 3))
+            z = torch.zeros(1, 3, device=DEVICE)
+            rf.ppo_loss_from_logits(logits[None], labels[None], z, z, z + 1)
         with pytest.raises(ValueError, match="at least two"):
-            rf.masked_whiten(torch.randn(4), torch.tensor([0, 1, 0, 0]))
+            rf.masked_whiten(torch.randn(4, device=DEVICE), torch.tensor([0, 1, 0, 0], device=DEVICE))
 
 
 def test_checks_off_lets_bad_values_through_to_the_kernel_contract():

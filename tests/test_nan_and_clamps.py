@@ -204,7 +204,7 @@ def test_policy_loss_at_clip_endpoints(backend, clip_low, clip_high, dtype):
     lp, old, adv = _endpoint_policy_inputs()
     mask = torch.ones(8, dtype=torch.bool, device=DEVICE)
     x = lp.clone().requires_grad_()
-    loss, _ = ref.ppo_policy_loss(x, old, adv, mask, clip_low, clip_high, None, "token-mean")
+    loss, _ = ref.ppo_policy_loss(x, old, adv, mask.cpu(), clip_low, clip_high, None, "token-mean")
     loss.backward()
     want = _policy_grad_by_hand(lp, old, adv, 1 - clip_low, 1 + clip_high)
     assert torch.allclose(x.grad, want, rtol=1e-12, atol=0), (x.grad, want)  # the reference states the convention
@@ -222,7 +222,7 @@ def test_value_loss_at_clip_endpoints(backend, dtype):
     ret = torch.tensor([2.0, -1.0, 0.5, 2.5, 0.5, 0.0], dtype=torch.float64)
     mask = torch.ones(6, dtype=torch.bool, device=DEVICE)
     xv, xo = v.clone().requires_grad_(), old.clone().requires_grad_()
-    ref.ppo_value_loss(xv, xo, ret, mask, 0.25, "token-mean")[0].backward()
+    ref.ppo_value_loss(xv, xo, ret, mask.cpu(), 0.25, "token-mean")[0].backward()
     e = (v - ret) / 6
     assert torch.allclose(xv.grad[:4], e[:4], rtol=1e-14, atol=0) and not xo.grad[:4].any()  # a tie: all to v
     _check(lambda b, *a: rf.ppo_value_loss(*a, mask, clip=0.25, backend=b), [v, old, ret], backend, dtype)
