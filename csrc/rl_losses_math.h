@@ -28,8 +28,9 @@ RLHF_HD float m_exp(float x) { return expf(x); }
 RLHF_HD double m_exp(double x) { return exp(x); }
 RLHF_HD float m_expm1(float x) { return expm1f(x); }
 RLHF_HD double m_expm1(double x) { return expm1(x); }
+// where reference._max(a, b) takes b: b strictly larger, or NaN (a tie keeps a)
 template <typename T>
-RLHF_HD bool m_isnan(T x) { return x != x; }
+RLHF_HD bool m_second_wins(T a, T b) { return b > a || b != b; }
 // reference._clip: the value of clamp (NaN passes) and its gradient, 1 unless strictly outside [lo, hi]
 template <typename T>
 RLHF_HD T m_clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -184,7 +185,7 @@ RLHF_HD PolicyToken<T> policy_token(T logp, T old_logp, T adv, T lo, T hi, bool 
   const T pg1 = na * r, pg2 = na * rc;
   // reference._max(pg1, pg2): the clipped branch only where strictly larger (or NaN); a tie keeps pg1.
   // g = d pg / d r, ga = d pg / d adv.
-  const bool take2 = pg2 > pg1 || m_isnan(pg2);
+  const bool take2 = m_second_wins(pg1, pg2);
   T pg = take2 ? pg2 : pg1, g = take2 ? na * d_rc : na, ga = take2 ? -rc : -r;
   T dual = 0;
   if (has_dual && adv < T(0)) {  // where(A < 0, _min(pg, -A·c), pg): the cap only where strictly smaller
@@ -211,7 +212,7 @@ RLHF_HD ValueToken<T> value_token(T v, T old_v, T ret, bool has_clip, T clip) {
   const T in = m_in(dv, -clip, clip);
   const T e2 = old_v + m_clamp(dv, -clip, clip) - ret, l2 = e2 * e2;
   // reference._max(l1, l2): a tie keeps the unclipped loss; a NaN l2 (old_v NaN) is taken
-  if (l2 > l1 || m_isnan(l2)) return {T(0.5) * l2, e2 * in, e2 * (T(1) - in), l2 > l1 ? T(1) - in : T(0)};
+  if (m_second_wins(l1, l2)) return {T(0.5) * l2, e2 * in, e2 * (T(1) - in), l2 > l1 ? T(1) - in : T(0)};
   return {T(0.5) * l1, e1, T(0), T(0)};
 }
 

@@ -26,6 +26,12 @@ _AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
 @triton.jit
+def second_wins(a, b):
+    """Where reference._max(a, b) takes b: b strictly larger, or NaN (a tie keeps a)."""
+    return (b > a) | (b != b)
+
+
+@triton.jit
 def ppo_token(lp, old, adv, lo, hi, dual_c, HAS_DUAL: tl.constexpr):
     """Per-token PPO clipped loss. Returns (loss, d loss/d logp, d loss/d adv, clipped, dual-clipped,
     -log_ratio); d loss / d old_logp = -(d loss / d logp). Conventions of reference.ppo_policy_loss:
@@ -36,7 +42,7 @@ def ppo_token(lp, old, adv, lo, hi, dual_c, HAS_DUAL: tl.constexpr):
     rc, d_rc = clip_elem(ratio, lo, hi)
     pg1 = -adv * ratio
     pg2 = -adv * rc
-    take2 = (pg2 > pg1) | (pg2 != pg2)  # reference._max(pg1, pg2): strictly larger, or NaN
+    take2 = second_wins(pg1, pg2)  # reference._max(pg1, pg2)
     pg = tl.where(take2, pg2, pg1)
     d_ratio = tl.where(take2, -adv * d_rc, -adv)
     d_adv = tl.where(take2, -rc, -ratio)
@@ -95,7 +101,7 @@ def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, scale_ptr, dv_ptr, dold_pt
         dv_c, in_c = clip_elem(v - old, -c, c)
         e2 = old + dv_c - ret
         l2 = e2 * e2
-        take2 = (l2 > l1) | (l2 != l2)  # reference._max(l1, l2): a tie keeps the unclipped loss
+        take2 = second_wins(l1, l2)  # reference._max(l1, l2): a tie keeps the unclipped loss
         vl = 0.5 * tl.where(take2, l2, l1)
         d_v = tl.where(take2, e2 * in_c, e1)
         d_old = tl.where(take2, e2 * (1.0 - in_c), 0.0)
