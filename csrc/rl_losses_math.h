@@ -1,8 +1,11 @@
 // Per-token math of the elementwise RL losses (KL estimators, PPO policy and value losses) and their
 // aggregation, shared verbatim by the CPU (rl_losses_cpu.cpp) and CUDA (rl_losses_cuda.cu) kernels, so
 // the CPU tests check the very expressions the GPU runs. Every branch mirrors rlhf_fast/reference.py,
-// including PyTorch's autograd conventions: clamp passes the gradient on the open interval only,
-// maximum/minimum split it in half on ties, abs has gradient sign(x) (0 at 0).
+// including its conventions at the kinks (written there with torch.where, not taken from torch): a
+// clamp passes the gradient on the closed interval (at its exact ends the input passes), a max / min
+// of the PPO losses takes its second branch only where strictly larger / smaller (a tie keeps the
+// unclipped branch), abs has gradient sign(x) (0 at 0). NaN propagates through all of them: no
+// std::max / fmax (they drop NaN); the selects test for NaN explicitly.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -25,10 +28,14 @@ RLHF_HD float m_exp(float x) { return expf(x); }
 RLHF_HD double m_exp(double x) { return exp(x); }
 RLHF_HD float m_expm1(float x) { return expm1f(x); }
 RLHF_HD double m_expm1(double x) { return expm1(x); }
+// where reference._max(a, b) takes b: b strictly larger, or NaN (a tie keeps a)
 template <typename T>
-RLHF_HD T m_clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }  // torch.clamp order: max then min
+RLHF_HD bool m_second_wins(T a, T b) { return b > a || b != b; }
+// reference._clip: the value of clamp (NaN passes) and its gradient, 1 unless strictly outside [lo, hi]
 template <typename T>
-RLHF_HD T m_in(T x, T lo, T hi) { return (x > lo && x < hi) ? T(1) : T(0); }  // clamp's gradient mask (open)
+RLHF_HD T m_clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
+template <typename T>
+RLHF_HD T m_in(T x, T lo, T hi) { return (x < lo || x > hi) ? T(0) : T(1); }
 
 // ------------------------------------------------------------------------------------------ KL
 enum KlEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
@@ -176,27 +183,19 @@ RLHF_HD PolicyToken<T> policy_token(T logp, T old_logp, T adv, T lo, T hi, bool 
   const T na = -adv;
   const T rc = m_clamp(r, lo, hi), d_rc = m_in(r, lo, hi);
   const T pg1 = na * r, pg2 = na * rc;
-  // d/d lr and d/d adv of each branch; torch.maximum splits the gradient in half on a tie
-  const T g1 = na * r, g2 = na * r * d_rc;
-  T pg, g, ga;
-  if (pg1 > pg2) {
-    pg = pg1, g = g1, ga = -r;
-  } else if (pg1 < pg2) {
-    pg = pg2, g = g2, ga = -rc;
-  } else {
-    pg = pg1, g = T(0.5) * (g1 + g2), ga = T(0.5) * (-r - rc);
-  }
+  // reference._max(pg1, pg2): the clipped branch only where strictly larger (or NaN); a tie keeps pg1.
+  // g = d pg / d r, ga = d pg / d adv.
+  const bool take2 = m_second_wins(pg1, pg2);
+  T pg = take2 ? pg2 : pg1, g = take2 ? na * d_rc : na, ga = take2 ? -rc : -r;
   T dual = 0;
-  if (has_dual && adv < T(0)) {  // where(A < 0, minimum(pg, -A·c), pg)
+  if (has_dual && adv < T(0)) {  // where(A < 0, _min(pg, -A·c), pg): the cap only where strictly smaller
     const T cap = na * dual_c;
     if (pg > cap) {
       dual = T(1);
       pg = cap, g = T(0), ga = -dual_c;
-    } else if (pg == cap) {
-      g = T(0.5) * g, ga = T(0.5) * (ga - dual_c);
     }
   }
-  return {pg, g * d_lr, ga, pg2 > pg1 ? T(1) : T(0), -lr, dual};
+  return {pg, g * r * d_lr, ga, pg2 > pg1 ? T(1) : T(0), -lr, dual};
 }
 
 // ------------------------------------------------------------------------------------------ PPO value
@@ -212,9 +211,9 @@ RLHF_HD ValueToken<T> value_token(T v, T old_v, T ret, bool has_clip, T clip) {
   const T dv = v - old_v;
   const T in = m_in(dv, -clip, clip);
   const T e2 = old_v + m_clamp(dv, -clip, clip) - ret, l2 = e2 * e2;
-  if (l1 > l2) return {T(0.5) * l1, e1, T(0), T(0)};
-  if (l1 < l2) return {T(0.5) * l2, e2 * in, e2 * (T(1) - in), T(1) - in};  // clipped: clip active
-  return {T(0.5) * l1, T(0.5) * (e1 + e2 * in), T(0.5) * (e2 * (T(1) - in)), T(0)};
+  // reference._max(l1, l2): a tie keeps the unclipped loss; a NaN l2 (old_v NaN) is taken
+  if (m_second_wins(l1, l2)) return {T(0.5) * l2, e2 * in, e2 * (T(1) - in), l2 > l1 ? T(1) - in : T(0)};
+  return {T(0.5) * l1, e1, T(0), T(0)};
 }
 
 // ------------------------------------------------------------------------------------------ host checks

@@ -9,6 +9,7 @@ Backends (reference PyTorch, C++ CPU, CUDA, Triton) are picked per op by device;
 from . import _backend, _compiled  # noqa: F401  (registers the compiled backends when built)
 from . import ops  # noqa: F401  (registers the Triton backends when triton imports)
 from ._backend import BACKENDS, backends_for, use_backend, why_unavailable
+from ._checks import checks
 from .functional import (
     gae,
     grpo_advantages,
@@ -30,12 +31,14 @@ __version__ = "0.1.0"
 
 
 def available_backends() -> dict[str, str]:
-    """Each backend -> "ok" or the reason it cannot be used in this process."""
-    return {b: why_unavailable(b) or "ok" for b in BACKENDS}
+    """Each backend -> "ok", "ok: <the only tensors it runs on here>" (Triton on CPU tensors under
+    TRITON_INTERPRET=1 when there is no GPU), or the reason it cannot be used in this process (e.g.
+    cuda without a CUDA device). A value starting with "ok" means usable."""
+    return {b: _backend.availability(b) for b in BACKENDS}
 
 
 __all__ = [
-    "BACKENDS", "available_backends", "backends_for", "use_backend", "gae", "grpo_advantages", "kl",
+    "BACKENDS", "available_backends", "backends_for", "checks", "use_backend", "gae", "grpo_advantages", "kl",
     "kl_penalized_rewards", "linear_logprobs", "logprobs", "masked_mean", "masked_whiten",
     "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
     "reinforce_pp_returns", "rloo_advantages",

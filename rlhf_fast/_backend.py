@@ -49,7 +49,33 @@ def mark_unavailable(backend: str, reason: str) -> None:
 
 def why_unavailable(backend: str) -> str | None:
     """None if ``backend`` can be used at all here, else a sentence saying why not."""
-    return _unavailable.get(backend)
+    why = _unavailable.get(backend)
+    if why is None and backend == "cuda" and not torch.cuda.is_available():
+        why = ("built, but there is no CUDA device here (torch.cuda.is_available() is False): CUDA tensors "
+               "cannot be made in this process")
+    return why
+
+
+def availability(backend: str) -> str:
+    """What ``rf.available_backends()`` reports: "ok", "ok: <the only tensors it runs on here>", or
+    why ``backend`` cannot run in this process."""
+    why = why_unavailable(backend)
+    if why is not None:
+        return why
+    if backend == "triton" and not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("ok: CPU tensors only, through the Triton interpreter (TRITON_INTERPRET=1, slow: for "
+                    "tests); there is no CUDA device here")
+        return ("no CUDA device here, and Triton runs on CPU tensors only under TRITON_INTERPRET=1 (the "
+                "interpreter, for tests), which is not set")
+    return "ok"
+
+
+def device_guard(device: torch.device):
+    """Context for a Triton launch: ``device`` made the current CUDA device (Triton launches on the
+    current device's stream, so tensors on cuda:1 work without ``torch.cuda.set_device``); nothing for
+    CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _runs_on(backend: str, device: torch.device) -> str | None:

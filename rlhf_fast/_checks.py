@@ -1,7 +1,47 @@
-"""Input checks shared by the public functions: each error names the argument and what was expected."""
+"""Input checks shared by the public functions: each error names the argument and what was expected.
+
+Checks of shapes, dtypes and Python arguments are free and always run. The checks that look at the
+data (labels in range, at least two elements to whiten) need a host sync, so they are switchable:
+``rf.checks(True|False)`` in code, else ``RLHF_FAST_CHECKS=1|0`` in the environment, else on for CPU
+tensors (where a sync costs nothing) and off for CUDA tensors (a stall per call, and no CUDA-graph
+capture). With them off, bad values get the kernels' contracts instead of a ValueError: a NaN result
+for that row / token, never a read or write out of bounds.
+"""
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+
 import torch
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def checks(enabled: bool | None):
+    """Run the data checks (host syncs) in this block: True always, False never, None the default
+    (``RLHF_FAST_CHECKS``, else on for CPU tensors and off for CUDA tensors)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"checks takes True, False or None, got {enabled!r}")
+    prev = getattr(_local, "checks", None)
+    _local.checks = enabled
+    try:
+        yield
+    finally:
+        _local.checks = prev
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether the data checks run for tensors on ``device`` (see the module docstring)."""
+    on = getattr(_local, "checks", None)
+    if on is None:
+        env = os.environ.get("RLHF_FAST_CHECKS")
+        if env is not None and env.strip() != "":
+            if env.strip() not in ("0", "1"):
+                raise ValueError(f"RLHF_FAST_CHECKS must be 1 or 0, got {env!r}")
+            on = env.strip() == "1"
+    return device.type == "cpu" if on is None else on
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -57,14 +97,14 @@ def choice(name, v, options):
         raise ValueError(f"{name} must be one of {options}, got {v!r}")
 
 
-def _tracing(x) -> bool:
-    """True under torch.compile / fake tensors, where data-dependent host checks are skipped."""
-    return torch.compiler.is_compiling() or x.device.type == "meta"
+def _skip_data_checks(x) -> bool:
+    """True where the data checks do not run: switched off, or under torch.compile / fake tensors."""
+    return torch.compiler.is_compiling() or x.device.type == "meta" or not enabled(x.device)
 
 
 def labels_in_range(labels, V, ignore_index):
-    """Host-side check (one small reduction and a sync) that every label is in [0, V) or ignored."""
-    if labels.numel() == 0 or _tracing(labels):
+    """Data check (one small reduction and a host sync) that every label is in [0, V) or ignored."""
+    if labels.numel() == 0 or _skip_data_checks(labels):
         return
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= V))
@@ -75,7 +115,8 @@ def labels_in_range(labels, V, ignore_index):
 
 
 def at_least_two(name, m):
-    if _tracing(m):
+    """Data check (a host sync) that mask ``m`` selects at least two elements."""
+    if _skip_data_checks(m):
         return
     n = int((m != 0).sum())
     if n < 2:

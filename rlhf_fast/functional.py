@@ -88,7 +88,7 @@ def kl(logp, ref_logp, *, estimator="k3", clamp=None, backend=None):
 
     "k1" logp - ref, "k2" ½(logp - ref)², "k3" exp(ref - logp) - (ref - logp) - 1, "abs" |logp - ref|;
     a "+" suffix ("k3+") keeps that value with k2's gradient (straight-through, unbiased gradient of KL).
-    ``clamp=c`` bounds the output to [-c, c].
+    ``clamp=c`` bounds the output to [-c, c] (at exactly ±c the gradient passes; NaN stays NaN).
     """
     check.floating("logp", logp)
     check.floating("ref_logp", ref_logp)
@@ -208,6 +208,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
     Per token max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(clamp(logp - old_logp, ±20));
     clip_high defaults to clip_low (set it higher for "clip-higher"); dual_clip=c (> 1) caps tokens
     with A < 0 at -A·c. Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac).
+    At the kinks (see rlhf_fast.reference): the clips pass their exact ends, a tie of the max / min
+    keeps the unclipped branch; NaN in any input gives a NaN loss.
     """
     check.floating("logp", logp)
     _check_bt("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
@@ -224,6 +226,7 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-me
     """Clipped value loss ½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated.
 
     values, old_values, returns, mask [B, T]; clip=None: plain ½(v - R)². Returns (loss, stats: vf_clipfrac).
+    At |v - old_v| == clip exactly the clipped value is v (a tie): the unclipped loss takes the gradient.
     """
     check.floating("values", values)
     _check_bt("values", values, old_values=old_values, returns=returns, mask=mask)

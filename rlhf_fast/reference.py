@@ -3,6 +3,19 @@
 Tests check each backend against these functions run in float64; benchmarks time them as the
 baseline. They take the shapes documented in ``rlhf_fast.functional`` and do no input checking
 (the public functions do). Math runs in float32 (float64 for float64 inputs).
+
+Conventions at the kinks, written out with torch.where so that they do not depend on the installed
+torch (torch.clamp's gradient at its ends and torch.maximum's split on ties have changed between
+releases); every backend implements exactly these:
+  * ``_clip(x, lo, hi)``: at an exact end (x == lo or x == hi) the input passes, with gradient 1;
+    strictly outside, the gradient is 0. Used for the policy ratio clip, the ±20 log-ratio clamp,
+    the value clip and the KL clamp.
+  * ``_max(a, b)`` / ``_min(a, b)`` (the PPO losses): b only where it is strictly larger / smaller,
+    so on a tie the first argument, the unclipped branch, takes the whole gradient.
+  * NaN: a NaN passes through every clip, max and min (NaN in, NaN out), so it reaches every output
+    that depends on it; the comparison statistics (clipfrac, ...) count a NaN token as not clipped.
+    Aggregations weight masked tokens by 0 (as x·mask does), so a NaN even at a masked token makes
+    the loss NaN; the scans and shaped rewards step over masked positions, NaN or not.
 """
 from __future__ import annotations
 
@@ -12,6 +25,21 @@ import torch.nn.functional as F
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
+
+
+def _clip(x, lo, hi):
+    """clamp(x, lo, hi) with gradient 1 on the closed interval [lo, hi]; NaN passes."""
+    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
+
+
+def _max(a, b):
+    """maximum(a, b); a tie gives a (and all of the gradient); NaN in either gives NaN."""
+    return torch.where((b > a) | b.isnan(), b, a)
+
+
+def _min(a, b):
+    """minimum(a, b); a tie gives a (and all of the gradient); NaN in either gives NaN."""
+    return torch.where((b < a) | b.isnan(), b, a)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -63,7 +91,7 @@ def kl(logp, ref_logp, estimator="k3", clamp=None):
         k2 = 0.5 * d * d
         out = k2 + (out - k2).detach()
     if clamp is not None:
-        out = out.clamp(-clamp, clamp)
+        out = _clip(out, -clamp, clamp)
     return out
 
 
@@ -178,12 +206,15 @@ def kl_penalized_rewards(score, logp, ref_logp, mask, beta, estimator="k1"):
     score [B], logp / ref_logp / mask [B, T] -> rewards [B, T]. Rows with no valid token drop the score.
     """
     valid = mask.bool()
+    # masked tokens are zeroed before the KL: a NaN there reaches neither the rewards nor the gradient
+    logp, ref_logp = torch.where(valid, _acc(logp), 0.0), torch.where(valid, _acc(ref_logp), 0.0)
     rewards = torch.where(valid, -beta * kl(logp, ref_logp, estimator), 0.0)
     T = mask.shape[-1]
     pos = torch.arange(T, device=mask.device)
     last = torch.where(valid, pos, -1).amax(-1)  # last valid position per row, -1 if none
     is_last = (pos == last.unsqueeze(-1)) & valid
-    return rewards + is_last.to(rewards.dtype) * _acc(score).unsqueeze(-1)
+    # where, not is_last·score: a NaN score reaches its row's last token only
+    return torch.where(is_last, rewards + _acc(score).unsqueeze(-1), rewards)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -191,21 +222,23 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=No
                     agg="token-mean"):
     """PPO clipped surrogate: per token max(-A·r, -A·clip(r, 1-clip_low, 1+clip_high)), aggregated.
 
-    r = exp(clamp(logp - old_logp, ±20)); dual_clip=c caps tokens with A < 0 at -A·c.
-    Returns (loss, stats) with stats clipfrac, approx_kl (k1 of old to new), dual_clipfrac.
+    r = exp(clip(logp - old_logp, ±20)); dual_clip=c caps tokens with A < 0 at -A·c (min(pg, -A·c)).
+    Ties of the max and the min go to the unclipped branch, and the clips pass their exact ends (see
+    the module docstring). Returns (loss, stats) with stats clipfrac (tokens where the clipped branch
+    is strictly larger), approx_kl (k1 of old to new), dual_clipfrac (tokens strictly capped).
     """
     clip_high = clip_low if clip_high is None else clip_high
     logp, old_logp, advantages = _acc(logp), _acc(old_logp), _acc(advantages)
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    log_ratio = _clip(logp - old_logp, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
-    pg2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg1, pg2)
+    pg2 = -advantages * _clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = _max(pg1, pg2)
     dual = torch.zeros_like(pg, dtype=torch.bool)
     if dual_clip is not None:
         cap = -advantages * dual_clip
         dual = (advantages < 0) & (pg > cap)
-        pg = torch.where(advantages < 0, torch.minimum(pg, cap), pg)
+        pg = torch.where(advantages < 0, _min(pg, cap), pg)
     loss = aggregate(pg, mask, agg)
     with torch.no_grad():
         stats = {
@@ -217,16 +250,21 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=No
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"):
-    """½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated; clip=None: unclipped."""
+    """½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated; clip=None: unclipped.
+
+    At |v - old_v| == clip exactly the clipped value is v itself (a tie): the unclipped loss takes
+    the whole gradient. vf_clipfrac counts tokens with |v - old_v| > clip whose clipped loss is
+    strictly the larger.
+    """
     values, old_values, returns = _acc(values), _acc(old_values), _acc(returns)
     l1 = (values - returns) ** 2
     if clip is None:
         vl = 0.5 * l1
         clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
     else:
-        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+        v_clipped = old_values + _clip(values - old_values, -clip, clip)
         l2 = (v_clipped - returns) ** 2
-        vl = 0.5 * torch.maximum(l1, l2)
+        vl = 0.5 * _max(l1, l2)
         with torch.no_grad():  # tokens where the clip is active and its loss is the larger one
             active = (values - old_values).abs() > clip
             clipfrac = masked_mean(((l2 > l1) & active).to(values.dtype), mask)

@@ -85,3 +85,117 @@ def test_import_without_extension_explains():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "did not load" in out and "rebuild" in out
     assert float(out.strip().splitlines()[-1]) == pytest.approx(-1.3862943611198906)
+
+
+def test_available_backends_without_a_gpu(monkeypatch):
+    # what a machine without a GPU reports (this one, or a GPU machine made to look like one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    av = rf.available_backends()
+    assert av["reference"] == "ok"
+    assert not av["cuda"].startswith("ok")
+    if _compiled.LOADED and _compiled.has_kernel("gae_fwd", "CUDA"):  # built with CUDA: no device is the reason
+        assert "no CUDA device" in av["cuda"] and "cannot be made" in av["cuda"]
+    if rf.why_unavailable("triton") is None:  # triton installed: usable here only through the interpreter
+        assert av["triton"].startswith("ok") and "CPU tensors only" in av["triton"]
+        assert "TRITON_INTERPRET=1" in av["triton"] and "no CUDA device" in av["triton"]
+        assert "triton" in rf.backends_for("gae", "cpu")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        av = rf.available_backends()
+        assert not av["triton"].startswith("ok") and "only under TRITON_INTERPRET=1" in av["triton"]
+        assert "triton" not in rf.backends_for("gae", "cpu")
+    assert "cuda" not in rf.backends_for("gae", "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_available_backends_with_a_gpu():
+    av = rf.available_backends()
+    assert av["triton"] == "ok" or rf.why_unavailable("triton") is not None
+    assert av["cuda"] == "ok" or not _compiled.has_kernel("gae_fwd", "CUDA")
+
+
+def test_device_guard():
+    import contextlib
+    assert isinstance(_backend.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = _backend.device_guard(torch.device("cuda", 1))  # built, not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+_TRITON_MODULES = ("kl", "ppo_loss", "gae", "advantages")
+
+
+@pytest.mark.skipif(rf.why_unavailable("triton") is not None, reason="triton not installed")
+def test_every_triton_launch_runs_under_the_device_guard(monkeypatch):
+    """Each launcher of ops/{kl,ppo_loss,gae,advantages}.py launches inside _backend.device_guard of its
+    tensors' device (on a GPU: torch.cuda.device, so tensors on cuda:1 need no set_device)."""
+    import contextlib
+    import importlib
+
+    from utils import DEVICE
+
+    if "triton" not in rf.backends_for("gae", DEVICE):
+        pytest.skip("the triton backend cannot run on this device here")
+    state = {"inside": 0, "devices": set()}
+    launches = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        state["devices"].add(torch.device(device))
+        state["inside"] += 1
+        try:
+            yield
+        finally:
+            state["inside"] -= 1
+
+    class Spy:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            launch = self.fn[grid]
+
+            def run(*args, **kwargs):
+                launches.append((self.name, state["inside"] > 0))
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(_backend, "device_guard", guard)
+    for mod_name in _TRITON_MODULES:
+        mod = importlib.import_module(f"rlhf_fast.ops.{mod_name}")
+        for name in dir(mod):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
+
+    f = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
+    mask = torch.rand(2, 6, device=DEVICE) > 0.3
+    outs = [
+        rf.kl(f(2, 6), f(2, 6), clamp=1.0, backend="triton"),
+        *rf.gae(f(2, 6), f(2, 6), mask, backend="triton"),
+        rf.reinforce_pp_returns(f(2, 6), mask, backend="triton"),
+        rf.grpo_advantages(f(8), 4, backend="triton"),
+        rf.rloo_advantages(f(8), 4, backend="triton"),
+        rf.kl_penalized_rewards(f(2), f(2, 6), f(2, 6), mask, beta=0.1, backend="triton"),
+        rf.ppo_policy_loss(f(2, 6), f(2, 6), f(2, 6), mask, backend="triton")[0],
+        rf.ppo_value_loss(f(2, 6), f(2, 6), f(2, 6), mask, backend="triton")[0],
+    ]
+    sum(o.sum() for o in outs).backward()
+    names = {n for n, _ in launches}
+    assert names == {"_kl_fwd_kernel", "_gae_fwd_kernel", "_gae_bwd_kernel", "_group_kernel",
+                     "_kl_rewards_kernel", "_policy_fwd_kernel", "_value_fwd_kernel"}, names
+    assert all(inside for _, inside in launches), [n for n, inside in launches if not inside]
+    assert {d.type for d in state["devices"]} == {torch.device(DEVICE).type}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_ops_on_the_second_gpu():
+    from rlhf_fast import reference as ref
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    x, y = torch.randn(3, 40, device=dev), torch.randn(3, 40, device=dev)
+    mask = torch.rand(3, 40, device=dev) > 0.2
+    assert torch.allclose(rf.kl(x, y, backend="triton"), ref.kl(x, y), atol=1e-5)
+    a, r = rf.gae(x, y, mask, backend="triton")
+    a_ref, r_ref = ref.gae(x, y, mask)
+    assert torch.allclose(a, a_ref, atol=1e-4) and torch.allclose(r, r_ref, atol=1e-4)
+    loss, _ = rf.ppo_policy_loss(x, y, x, mask, backend="triton")
+    assert torch.allclose(loss, ref.ppo_policy_loss(x, y, x, mask)[0], atol=1e-5)

@@ -24,11 +24,16 @@ def rel_err(out, ref):
 
 
 def assert_rel(out, ref, tol, what=""):
-    """Assert ‖out − ref‖/‖ref‖ <= tol over finite entries; infinities must match exactly."""
+    """Assert ‖out − ref‖/‖ref‖ <= tol over finite entries; NaN and infinities must sit exactly where
+    the reference has them."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    inf = ~torch.isfinite(ref)
+    nan = ref.isnan()
+    assert torch.equal(out.isnan(), nan), \
+        f"{what}: NaN at {out.isnan().nonzero()[:5].tolist()}, the reference at {nan.nonzero()[:5].tolist()}"
+    inf = ~torch.isfinite(ref) & ~nan
     assert torch.equal(out[inf], ref[inf]), f"{what}: non-finite entries differ at {inf.nonzero()[:5].tolist()}"
+    inf = inf | nan
     assert torch.isfinite(out[~inf]).all(), f"{what}: non-finite output where the reference is finite"
     o, r = out[~inf], ref[~inf]
     if r.numel() == 0:

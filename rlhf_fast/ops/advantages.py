@@ -62,8 +62,9 @@ def _group_launch(x, g, group_size, mode, eps, out_dtype):
         block_s = triton.next_power_of_2(group_size)
         block_g = max(1, min(64, 2048 // block_s))
         acc = tl.float64 if out_dtype == torch.float64 else tl.float32
-        _group_kernel[(triton.cdiv(G, block_g),)](x, x if g is None else g, out, G, group_size, float(eps),
-                                                  MODE=mode, ACC=acc, BLOCK_G=block_g, BLOCK_S=block_s)
+        with _backend.device_guard(x.device):
+            _group_kernel[(triton.cdiv(G, block_g),)](x, x if g is None else g, out, G, group_size, float(eps),
+                                                      MODE=mode, ACC=acc, BLOCK_G=block_g, BLOCK_S=block_s)
     return out
 
 
@@ -140,9 +141,10 @@ class KLPenalizedRewardsFunction(torch.autograd.Function):
         last = torch.full((B,), -1, dtype=torch.int64, device=lp.device)
         est, plus = estimator_code(estimator)
         if B and T:
-            _kl_rewards_kernel[(B,)](sc, lp, rf, m, out, grad, last, T, float(beta), EST=est, PLUS=plus,
-                                     WRITE_GRAD=write_grad, ACC=acc, NTERMS=nterms,
-                                     BLOCK_T=max(16, min(1024, triton.next_power_of_2(T))))
+            with _backend.device_guard(lp.device):
+                _kl_rewards_kernel[(B,)](sc, lp, rf, m, out, grad, last, T, float(beta), EST=est, PLUS=plus,
+                                         WRITE_GRAD=write_grad, ACC=acc, NTERMS=nterms,
+                                         BLOCK_T=max(16, min(1024, triton.next_power_of_2(T))))
         ctx.save_for_backward(grad if write_grad else None, last)
         ctx.dtypes = (score.dtype, logp.dtype, ref_logp.dtype)
         return out

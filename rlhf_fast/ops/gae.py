@@ -138,9 +138,10 @@ class GAEFunction(torch.autograd.Function):
         adv = torch.empty(B, T, dtype=out_dtype, device=r.device)
         ret = torch.empty_like(adv) if values is not None else adv
         if B and T:
-            _gae_fwd_kernel[(B,)](r, r if v is None else v, m, adv, ret, T, float(gamma), float(lam),
-                                  HAS_VALUES=v is not None, ACC=_acc_dtype(rewards, values),
-                                  BLOCK_T=_block_t(T))
+            with _backend.device_guard(r.device):
+                _gae_fwd_kernel[(B,)](r, r if v is None else v, m, adv, ret, T, float(gamma), float(lam),
+                                      HAS_VALUES=v is not None, ACC=_acc_dtype(rewards, values),
+                                      BLOCK_T=_block_t(T))
         ctx.save_for_backward(m)
         ctx.gamma, ctx.lam = float(gamma), float(lam)
         ctx.r_dtype = rewards.dtype
@@ -160,10 +161,11 @@ class GAEFunction(torch.autograd.Function):
         ga = None if g_adv is None else g_adv.contiguous()
         gr = None if g_ret is None else g_ret.contiguous()
         if B and T:
-            _gae_bwd_kernel[(B,)](ga if ga is not None else d_rew, gr if gr is not None else d_rew, m, d_rew,
-                                  d_val if has_values else d_rew, T, ctx.gamma, ctx.lam,
-                                  HAS_GA=ga is not None, HAS_GR=gr is not None, HAS_VALUES=has_values,
-                                  ACC=ctx.acc, BLOCK_T=_block_t(T))
+            with _backend.device_guard(m.device):
+                _gae_bwd_kernel[(B,)](ga if ga is not None else d_rew, gr if gr is not None else d_rew, m, d_rew,
+                                      d_val if has_values else d_rew, T, ctx.gamma, ctx.lam,
+                                      HAS_GA=ga is not None, HAS_GR=gr is not None, HAS_VALUES=has_values,
+                                      ACC=ctx.acc, BLOCK_T=_block_t(T))
         return d_rew, d_val, None, None, None
 
 

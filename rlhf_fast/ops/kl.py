@@ -36,6 +36,16 @@ def _expm1_minus_x(x, NTERMS: tl.constexpr):
 
 
 @triton.jit
+def clip_elem(x, lo, hi):
+    """reference._clip: (clamp(x, lo, hi), its gradient): the exact ends pass (gradient 1), NaN passes.
+    Written with where, not tl.minimum / tl.maximum, which drop NaN."""
+    below = x < lo
+    above = x > hi
+    out = tl.where(below, lo, tl.where(above, hi, x)).to(x.dtype)
+    return out, tl.where(below | above, 0.0, 1.0).to(x.dtype)
+
+
+@triton.jit
 def kl_elem(d, EST: tl.constexpr, PLUS: tl.constexpr, NTERMS: tl.constexpr):
     """(kl value, d value / d logp) for d = logp - ref_logp; the estimator's code from estimator_code."""
     if EST == 0:
@@ -66,9 +76,8 @@ def _kl_fwd_kernel(lp_ptr, ref_ptr, out_ptr, grad_ptr, N, clamp: "fp64",
     rf = tl.load(ref_ptr + offs, mask=inb, other=0).to(ACC)
     out, grad = kl_elem(lp - rf, EST, PLUS, NTERMS)
     if HAS_CLAMP:
-        c = tl.full([], clamp, ACC)
-        grad = tl.where((out >= -c) & (out <= c), grad, 0.0)  # torch.clamp passes the ends through
-        out = tl.minimum(tl.maximum(out, -c), c)
+        out, d_clip = clip_elem(out, -tl.full([], clamp, ACC), tl.full([], clamp, ACC))
+        grad = grad * d_clip
     tl.store(out_ptr + offs, out, mask=inb)
     if WRITE_GRAD:
         tl.store(grad_ptr + offs, grad, mask=inb)
@@ -93,10 +102,11 @@ class KLFunction(torch.autograd.Function):
         grad = torch.empty_like(out) if write_grad else out
         est, plus = estimator_code(estimator)
         if N:
-            _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](
-                lp, rf, out, grad, N, float(clamp) if clamp is not None else 0.0,
-                EST=est, PLUS=plus, HAS_CLAMP=clamp is not None, WRITE_GRAD=write_grad,
-                ACC=acc, NTERMS=nterms, BLOCK=BLOCK)
+            with _backend.device_guard(lp.device):
+                _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](
+                    lp, rf, out, grad, N, float(clamp) if clamp is not None else 0.0,
+                    EST=est, PLUS=plus, HAS_CLAMP=clamp is not None, WRITE_GRAD=write_grad,
+                    ACC=acc, NTERMS=nterms, BLOCK=BLOCK)
         if write_grad:
             ctx.save_for_backward(grad)
         ctx.dtypes = (logp.dtype, ref_logp.dtype)

@@ -12,7 +12,7 @@ fp16/bf16/fp32 logits are upcast to fp32 right after the load; fp64 logits are c
 """
 from __future__ import annotations
 
-import contextlib
+import struct
 
 import torch
 import triton
@@ -111,14 +111,9 @@ def _logprobs_bwd_kernel(x_ptr, T, s0, s1, g_ptr, g0, g1, labels_ptr, glp_ptr, g
             tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
 
 
-def device_guard(x: torch.Tensor):
-    """The launch context of a kernel on x: its CUDA device (tensors on cuda:1 need no set_device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _split(inv_t: float) -> tuple[float, float]:
-    hi = float(torch.tensor(inv_t, dtype=torch.float32))
-    return hi, float(torch.tensor(inv_t - hi, dtype=torch.float32))
+    hi = _f32(inv_t)
+    return hi, _f32(inv_t - hi)
 
 
 def _launch_params(V: int, dtype: torch.dtype) -> dict:
@@ -148,7 +143,7 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: fl
     logp, ent, lse = (torch.empty(N, dtype=dt, device=logits.device) for _ in range(3))
     if N:
         hi, lo = _split(inv_temperature)
-        with device_guard(x):
+        with _backend.device_guard(x.device):
             _logprobs_fwd_kernel[(N,)](x, T, x.stride(0), x.stride(1), labels.reshape(-1).contiguous(), logp, ent,
                                        lse, V, ignore_index, hi, lo, **_launch_params(V, x.dtype))
     return logp, ent, lse
@@ -169,7 +164,7 @@ def logprobs_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, inv_temp
         hi, lo = _split(inv_temperature)
         glp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).contiguous()
         gent = glp if grad_entropy is None else grad_entropy.reshape(-1).contiguous()  # unread without HAS_GENT
-        with device_guard(x):
+        with _backend.device_guard(x.device):
             _logprobs_bwd_kernel[(N,)](x, T, x.stride(0), x.stride(1), o, o.stride(0), o.stride(1),
                                        labels.reshape(-1).contiguous(), glp, gent, lse, entropy, V, ignore_index,
                                        hi, lo, HAS_GENT=grad_entropy is not None, **_launch_params(V, x.dtype))

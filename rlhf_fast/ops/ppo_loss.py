@@ -9,7 +9,8 @@ Aggregation weights: the loss is Σ_t w_t·loss_t with w = m·row_scale[row] (re
 token-mean 1 / Σm; seq-mean-token-sum 1 / #rows with tokens; seq-mean-token-mean
 1 / (row's Σm · #rows with tokens). row_scale is a [B] vector computed by torch from the mask's row
 sums (no host sync). Masks are read as weights, as the reference does (mask.to(dtype)).
-Gradients follow torch's conventions exactly: clamp passes its end points, max / min split ties.
+Gradients at the kinks follow the conventions written out in reference.py: the clips pass their
+exact ends, a tie of the max / min keeps the unclipped branch, NaN propagates.
 """
 from __future__ import annotations
 
@@ -18,44 +19,41 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .kl import acc_dtypes
+from .kl import acc_dtypes, clip_elem
 
 BLOCK = 1024
 _AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
 @triton.jit
-def _tie_weight(a, b):
-    """d max(a, b) / d a as torch writes it: 1 if a > b, 0 if a < b, 1/2 on a tie."""
-    return tl.where(a > b, 1.0, tl.where(a < b, 0.0, 0.5)).to(a.dtype)
+def second_wins(a, b):
+    """Where reference._max(a, b) takes b: b strictly larger, or NaN (a tie keeps a)."""
+    return (b > a) | (b != b)
 
 
 @triton.jit
 def ppo_token(lp, old, adv, lo, hi, dual_c, HAS_DUAL: tl.constexpr):
     """Per-token PPO clipped loss. Returns (loss, d loss/d logp, d loss/d adv, clipped, dual-clipped,
-    -log_ratio); d loss / d old_logp = -(d loss / d logp)."""
-    lr_raw = lp - old
-    lr = tl.minimum(tl.maximum(lr_raw, -20.0), 20.0)
+    -log_ratio); d loss / d old_logp = -(d loss / d logp). Conventions of reference.ppo_policy_loss:
+    the clips pass their exact ends, a tie of the max or the min keeps the unclipped branch, NaN
+    propagates (selects written with where: tl.maximum / tl.minimum drop NaN)."""
+    lr, d_lr = clip_elem(lp - old, tl.full([], -20.0, lp.dtype), tl.full([], 20.0, lp.dtype))
     ratio = tl.exp(lr)
-    rc = tl.minimum(tl.maximum(ratio, lo), hi)
+    rc, d_rc = clip_elem(ratio, lo, hi)
     pg1 = -adv * ratio
     pg2 = -adv * rc
-    pg = tl.maximum(pg1, pg2)
-    a1 = _tie_weight(pg1, pg2)
-    in_r = ((ratio >= lo) & (ratio <= hi)).to(lp.dtype)
-    d_ratio = -adv * (a1 + (1.0 - a1) * in_r)
-    d_adv = -(a1 * ratio + (1.0 - a1) * rc)
+    take2 = second_wins(pg1, pg2)  # reference._max(pg1, pg2)
+    pg = tl.where(take2, pg2, pg1)
+    d_ratio = tl.where(take2, -adv * d_rc, -adv)
+    d_adv = tl.where(take2, -rc, -ratio)
     dual = pg < pg  # all False
     if HAS_DUAL:
         cap = -adv * dual_c
-        neg = adv < 0
-        dual = neg & (pg > cap)
-        gsel = tl.where(neg, _tie_weight(cap, pg), 1.0)  # weight of pg in min(pg, cap)
-        d_ratio = gsel * d_ratio
-        d_adv = gsel * d_adv - tl.where(neg, (1.0 - gsel) * dual_c, 0.0)
-        pg = tl.where(neg, tl.minimum(pg, cap), pg)
-    in_lr = ((lr_raw >= -20.0) & (lr_raw <= 20.0)).to(lp.dtype)
-    d_lp = d_ratio * ratio * in_lr
+        dual = (adv < 0) & (pg > cap)  # reference._min(pg, cap) takes cap (cap is NaN only if adv is)
+        d_ratio = tl.where(dual, 0.0, d_ratio)
+        d_adv = tl.where(dual, -dual_c, d_adv)
+        pg = tl.where(dual, cap, pg)
+    d_lp = d_ratio * ratio * d_lr
     return pg, d_lp, d_adv, pg2 > pg1, dual, -lr
 
 
@@ -100,14 +98,13 @@ def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, scale_ptr, dv_ptr, dold_pt
     if HAS_CLIP:
         c = tl.full([], clip, ACC)
         old = tl.load(old_ptr + offs, mask=inb, other=0).to(ACC)
-        dv_raw = v - old
-        in_c = ((dv_raw >= -c) & (dv_raw <= c)).to(ACC)
-        e2 = old + tl.minimum(tl.maximum(dv_raw, -c), c) - ret
+        dv_c, in_c = clip_elem(v - old, -c, c)
+        e2 = old + dv_c - ret
         l2 = e2 * e2
-        vl = 0.5 * tl.maximum(l1, l2)
-        a1 = _tie_weight(l1, l2)
-        d_v = a1 * e1 + (1.0 - a1) * e2 * in_c
-        d_old = (1.0 - a1) * e2 * (1.0 - in_c)
+        take2 = second_wins(l1, l2)  # reference._max(l1, l2): a tie keeps the unclipped loss
+        vl = 0.5 * tl.where(take2, l2, l1)
+        d_v = tl.where(take2, e2 * in_c, e1)
+        d_old = tl.where(take2, e2 * (1.0 - in_c), 0.0)
         clipped = tl.sum(tl.where((l2 > l1) & (in_c == 0), m, 0.0), 0)  # clip active and binding
     else:
         vl = 0.5 * l1
@@ -164,11 +161,12 @@ class PPOPolicyLossFunction(torch.autograd.Function):
         d_adv = torch.empty(N, dtype=dt, device=lp.device) if ctx.needs_input_grad[2] else scale
         part = torch.zeros(n_prog, 4, dtype=dt, device=lp.device)
         if N:
-            _policy_fwd_kernel[(n_prog,)](
-                lp, old, adv, _mask_arg(m), scale, d_lp, d_adv, part, N, T,
-                1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
-                float(dual_clip) if dual_clip is not None else 0.0, HAS_DUAL=dual_clip is not None,
-                WRITE_DLP=write_dlp, WRITE_DADV=ctx.needs_input_grad[2], ACC=acc, BLOCK=BLOCK)
+            with _backend.device_guard(lp.device):
+                _policy_fwd_kernel[(n_prog,)](
+                    lp, old, adv, _mask_arg(m), scale, d_lp, d_adv, part, N, T,
+                    1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
+                    float(dual_clip) if dual_clip is not None else 0.0, HAS_DUAL=dual_clip is not None,
+                    WRITE_DLP=write_dlp, WRITE_DADV=ctx.needs_input_grad[2], ACC=acc, BLOCK=BLOCK)
         sums = part.sum(0)
         ctx.save_for_backward(d_lp if write_dlp else None, d_adv if ctx.needs_input_grad[2] else None)
         ctx.shapes_dtypes = [(x.shape, x.dtype) for x in (logp, old_logp, advantages)]
@@ -201,10 +199,11 @@ class PPOValueLossFunction(torch.autograd.Function):
         d_old = torch.empty(N, dtype=dt, device=v.device) if write and clip is not None else None
         part = torch.zeros(n_prog, 4, dtype=dt, device=v.device)
         if N:
-            _value_fwd_kernel[(n_prog,)](
-                v, old, ret, _mask_arg(m), scale, d_v, d_old if d_old is not None else d_v, part, N, T,
-                float(clip) if clip is not None else 0.0, HAS_CLIP=clip is not None, WRITE_GRAD=write,
-                ACC=acc, BLOCK=BLOCK)
+            with _backend.device_guard(v.device):
+                _value_fwd_kernel[(n_prog,)](
+                    v, old, ret, _mask_arg(m), scale, d_v, d_old if d_old is not None else d_v, part, N, T,
+                    float(clip) if clip is not None else 0.0, HAS_CLIP=clip is not None, WRITE_GRAD=write,
+                    ACC=acc, BLOCK=BLOCK)
         sums = part.sum(0)
         ctx.save_for_backward(d_v if write else None, d_old)
         ctx.shapes_dtypes = [(x.shape, x.dtype) for x in (values, old_values, returns)]

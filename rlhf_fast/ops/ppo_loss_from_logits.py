@@ -99,7 +99,7 @@ def _fwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, 
     if HAS_REF:
         rf = tl.load(ref_ptr + n).to(ACC)
         k, dk = kl_elem(logp - rf, EST, PLUS, NTERMS)
-        g_kl = w * tl.full([], kl_coef, ACC) * dk
+        g_kl = tl.where(kl_coef != 0, w * tl.full([], kl_coef, ACC) * dk, 0.0)  # no 0·NaN: KL only a stat
         g_lp += g_kl
         d_ref = -g_kl
     g_ent = -w * tl.full([], ent_coef, ACC)
@@ -182,7 +182,7 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
         use_kl = has_ref and bool(kl_coef)
         est, plus = estimator_code(kl_estimator)
         if N:
-            with _tlp.device_guard(x):
+            with _backend.device_guard(x.device):
                 _fwd_kernel[(N,)](
                     x, x.shape[1], x.stride(0), x.stride(1), lab, old, adv, rf, _mask_arg(m), scale, stats, grads,
                     V, T, 1.0 / temperature, 1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
@@ -216,7 +216,7 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
             d_logits = _layout.grad_like(x)  # the logits' own strides: rows share their 16-byte phase
             B, T, V = x.shape
             if B * T:
-                with _tlp.device_guard(x):
+                with _backend.device_guard(x.device):
                     _bwd_kernel[(B * T,)](x, T, x.stride(0), x.stride(1), lab, grads, G, d_logits, d_logits.stride(0),
                                           d_logits.stride(1), V, ctx.inv_t, ROW_ACC=ctx.row_acc, BLOCK_V=_block_v(V))
             d_logits = d_logits.view(ls)
