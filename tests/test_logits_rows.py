@@ -266,6 +266,25 @@ def test_ppo_loss_from_logits_bad_labels(backend, how):
         assert gd[r].isnan().all() or not gd[r].any()
 
 
+@pytest.mark.parametrize("backend", LIN_BACKENDS)
+def test_linear_logprobs_bad_labels(backend):
+    """The backend called directly (no host check): NaN logp, entropy and grad_hidden rows for the bad
+    labels, every other row bitwise the clean run's (grad_weight sums over rows: NaN, as any NaN loss)."""
+    N, H, V = 7, 16, 301
+    hidden, weight = torch.randn(N, H, device=DEVICE), torch.randn(V, H, device=DEVICE) / 2
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    bad = labels.clone()
+    bad[2], bad[4] = -1, V
+    impl = rf._backend.select("linear_logprobs", hidden.device, backend)
+
+    def run(y):
+        h = hidden.clone().requires_grad_()
+        lp, ent = impl(h, weight, y, None, 0.9, -100, True, chunk_size=3)
+        (gh,) = torch.autograd.grad(lp.sum() + ent.sum(), h)
+        return lp, ent, gh
+    _assert_poisoned(run(labels), run(bad))
+
+
 # ----------------------------------------------------------------------------- strided views, no copy
 class _Copies(TorchDispatchMode):
     """Records aten copies (copy_, clone, _to_copy, ...) that touch a tensor of `dtype` with >= `numel` elements."""
