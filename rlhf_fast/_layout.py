@@ -44,7 +44,11 @@ def non_overlapping(x: torch.Tensor) -> bool:
 
 
 def grad_like(x: torch.Tensor) -> torch.Tensor:
-    """Uninitialised gradient for logits x: x's strides when they do not overlap, else contiguous."""
+    """Uninitialised gradient for logits x: x's strides when they do not overlap, else contiguous.
+
+    A view with gaps gets a gradient with the same gaps (``logits[:, :-1]``: one row per sequence;
+    ``logits[:, ::2]``: half the buffer), the price of rows that share the logits' 16-byte phase.
+    """
     if non_overlapping(x):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -146,7 +146,7 @@ def _assert_poisoned(clean, dirty, rows=(2, 4)):
                 assert d[r].isnan().all() or not d[r].any(), f"output {i}: gradient row {r} neither NaN nor 0"
 
 
-def _lp_raw_cpu(x, labels, g_lp, g_ent):
+def _lp_raw_compiled(x, labels, g_lp, g_ent):
     ops = torch.ops.rlhf_fast
     lp, ent, lse = ops.logprobs_fwd(x, labels, 1 / 0.7, -100)
     gx = ops.logprobs_bwd(g_lp, g_ent, x, labels, lse, ent, 1 / 0.7, -100)
@@ -170,7 +170,7 @@ def test_logprobs_bad_labels_raw_kernels(backend, dtype):
     buf, x, labels, bad = _bad_label_logits(dtype)
     acc = torch.float32
     g_lp, g_ent = torch.randn(6, dtype=acc, device=DEVICE), torch.randn(6, dtype=acc, device=DEVICE)
-    raw = _lp_raw_triton if backend == "triton" else _lp_raw_cpu
+    raw = _lp_raw_triton if backend == "triton" else _lp_raw_compiled
     clean = raw(x, labels, g_lp, g_ent)
     before = buf.clone()
     dirty = raw(x, bad, g_lp, g_ent)
@@ -191,13 +191,16 @@ def test_logprobs_bad_labels_raw_kernels(backend, dtype):
     assert torch.equal(buf2[outside], buf[outside]), "the in-place backward wrote outside the logits rows"
 
 
-@pytest.mark.skipif("cpu" not in LP_BACKENDS, reason="compiled extension not built")
+COMPILED = "cuda" if DEVICE == "cuda" else "cpu"  # the compiled backend of the test device
+
+
+@pytest.mark.skipif(COMPILED not in LP_BACKENDS, reason="compiled extension not built for the test device")
 def test_logprobs_bad_labels_under_torch_compile():
     _, x, labels, bad = _bad_label_logits(torch.float32)
     x = x.reshape(2, 3, -1)  # [B, T, V] view with a row stride != V
     labels, bad = labels.reshape(2, 3), bad.reshape(2, 3)
     g_lp, g_ent = torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE)
-    f = _public("cpu", temperature=0.7)
+    f = _public(COMPILED, temperature=0.7)
     clean = _lp_run(f, x, labels, g_lp, g_ent)
     dirty = _lp_run(torch.compile(f, fullgraph=True), x, bad, g_lp, g_ent)
     flat = [t.reshape(6, *t.shape[2:]) for t in clean], [t.reshape(6, *t.shape[2:]) for t in dirty]
@@ -243,16 +246,16 @@ def test_ppo_loss_from_logits_bad_labels(backend, how):
             return loss + (gx.reshape(x.shape).detach() * x).sum(), {"entropy": st[4]}
     else:
         if how == "torch.compile" and backend == "triton":
-            pytest.skip("Triton under the interpreter is not compiled by torch.compile here")
+            pytest.skip("the Triton backend under torch.compile is not covered (the interpreter cannot be compiled)")
         from rlhf_fast._backend import select
         impl = select("ppo_loss_from_logits", x.device, backend)  # the backend itself: no host check
 
-        def fn(x, y, o, a, m, r):
+        def direct(x, y, o, a, m, r):
             return impl(x, y, o, a, m, r, **_FL_KW)
-        if how == "torch.compile":
-            def public(x, y, o, a, m, r):
-                return rf.ppo_loss_from_logits(x, y, o, a, m, ref_logp=r, backend=backend, **_FL_KW)
-            fn = torch.compile(public, fullgraph=True)
+
+        def public(x, y, o, a, m, r):  # compiled: the host check is skipped while tracing
+            return rf.ppo_loss_from_logits(x, y, o, a, m, ref_logp=r, backend=backend, **_FL_KW)
+        fn = torch.compile(public, fullgraph=True) if how == "torch.compile" else direct
     clean = _fl_run(fn, x, labels, old, adv, rl, mask)
     dirty = _fl_run(fn, x, bad, old, adv, rl, mask)
     assert clean[0].isfinite() and dirty[0].isnan() and dirty[1].isnan()
@@ -261,6 +264,25 @@ def test_ppo_loss_from_logits_bad_labels(backend, how):
     assert torch.equal(gc[others], gd[others]), "a bad label changed another row's gradient"
     for r in (2, 4):
         assert gd[r].isnan().all() or not gd[r].any()
+
+
+@pytest.mark.parametrize("backend", LIN_BACKENDS)
+def test_linear_logprobs_bad_labels(backend):
+    """The backend called directly (no host check): NaN logp, entropy and grad_hidden rows for the bad
+    labels, every other row bitwise the clean run's (grad_weight sums over rows: NaN, as any NaN loss)."""
+    N, H, V = 7, 16, 301
+    hidden, weight = torch.randn(N, H, device=DEVICE), torch.randn(V, H, device=DEVICE) / 2
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    bad = labels.clone()
+    bad[2], bad[4] = -1, V
+    impl = rf._backend.select("linear_logprobs", hidden.device, backend)
+
+    def run(y):
+        h = hidden.clone().requires_grad_()
+        lp, ent = impl(h, weight, y, None, 0.9, -100, True, chunk_size=3)
+        (gh,) = torch.autograd.grad(lp.sum() + ent.sum(), h)
+        return lp, ent, gh
+    _assert_poisoned(run(labels), run(bad))
 
 
 # ----------------------------------------------------------------------------- strided views, no copy
@@ -416,7 +438,6 @@ def test_triton_launchers_run_under_the_tensor_device(monkeypatch):
 
     from rlhf_fast.ops import linear_logprobs as lin
     from rlhf_fast.ops import logprobs as tlp
-    from rlhf_fast.ops import ppo_loss_from_logits as tfl
 
     fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     guard = tlp.device_guard(fake)
@@ -433,10 +454,12 @@ def test_triton_launchers_run_under_the_tensor_device(monkeypatch):
     lp, ent = rf.logprobs(x, labels, return_entropy=True, backend="triton")
     (lp.sum() + ent.sum()).backward()
     assert len(entered) == 2, "logprobs forward and backward"
-    loss, _ = rf.ppo_loss_from_logits(x, labels, lp.detach(), torch.randn(2, 3), labels >= 0, backend="triton")
+    loss, _ = rf.ppo_loss_from_logits(x, labels, lp.detach(), torch.randn(2, 3, device=DEVICE), labels >= 0,
+                                      backend="triton")
     loss.backward()
     assert len(entered) == 4, "ppo_loss_from_logits forward and backward"
-    lp = lin.linear_logprobs_triton(torch.randn(4, 8, requires_grad=True), torch.randn(40, 8), labels.reshape(-1)[:4])
+    lp = lin.linear_logprobs_triton(torch.randn(4, 8, device=DEVICE, requires_grad=True),
+                                    torch.randn(40, 8, device=DEVICE), labels.reshape(-1)[:4])
     lp.sum().backward()
     assert len(entered) >= 6, "linear_logprobs forward and backward"
 

@@ -7,6 +7,11 @@ lse = m + log s per row. Backward: one read and one write of [N, V], p recompute
 grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z / T — optionally written into
 the logits buffer itself (``logprobs_inplace_backward``).
 
+Logits are [B, T, V] with any strides over B and T (row r at (r // T)·s0 + (r % T)·s1, see
+rlhf_fast/_layout.py), so a time slice ``logits[:, :-1]`` is read in place; grad logits take the
+logits' strides. Row contract: a NaN logit makes the row's outputs NaN; an ignored row is not read
+(0, 0, zero gradient); a label outside [0, V) (no host check ran) gives a NaN row, not read.
+
 fp16/bf16/fp32 logits are upcast to fp32 right after the load; fp64 logits are computed in fp64
 (the ``ACC`` constexpr). Outputs are fp32 (fp64 for fp64 logits); grad logits in the logits dtype.
 """

@@ -14,6 +14,11 @@ with G the upstream gradient of the scalar loss (read on device). Recomputing co
 logits; writing grad_logits in the forward instead would cost a write plus a read and write in the
 backward, and an [N, V] buffer held between them. d old_logp, d advantages, d ref_logp are per-token
 scalars saved by the forward and scaled by G.
+
+Rows as in ops/logprobs.py: [B, T, V] views with any leading strides read in place, NaN propagating
+to its row, ignored rows (label -100) never read in either pass (zero gradient row), out-of-range
+labels giving a NaN row. The row pass runs in the logits' math dtype (fp32; fp64 only for fp64
+logits, as the CUDA kernels), the per-token math in fp64 if any per-token input is fp64.
 """
 from __future__ import annotations
 
