@@ -116,6 +116,10 @@ def _logprobs_bwd_kernel(x_ptr, T, s0, s1, g_ptr, g0, g1, labels_ptr, glp_ptr, g
             tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]  # rounded to fp32 on the host: no tensor, no sync
+
+
 def _split(inv_t: float) -> tuple[float, float]:
     hi = _f32(inv_t)
     return hi, _f32(inv_t - hi)
