@@ -14,7 +14,10 @@ bytes, shared memory, theoretical occupancy, the width of the global loads/store
 and SASS instructions per element of the hot loop.
 
 Hot loop: the innermost SASS loop (a branch back to an earlier address) that loads from global
-memory, the one loading the most bytes per iteration (the aligned body, not a peeled head/tail).
+memory, the one loading the most bytes per iteration (the aligned body, not a peeled head/tail). A
+kernel that chooses a path at run time (a vector loop for aligned rows, a scalar loop otherwise)
+has several such loops: all are listed in the record's ``loading_loops``, and the hot one is the
+one moving the most bytes per iteration, which for an unrolled scalar fallback can be that one.
 Elements per thread per iteration: for the logits-row kernels, the bytes its global loads read over
 the logit size (counts any unrolling); for the other kernels the BLOCK* constexprs over the threads.
 A kernel with no loop is profiled as straight-line code (its whole body).
@@ -44,6 +47,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "static"
+
+
+def tree() -> Path:
+    """The source tree profiled: the one the imported rlhf_fast comes from (its csrc/ and setup.py too), so
+    `PYTHONPATH=<other tree> python benchmarks/static_profile.py --out DIR` profiles another checkout."""
+    import rlhf_fast
+
+    return Path(rlhf_fast.__file__).resolve().parent.parent
 VOCABS = (32000, 50257, 128256, 151936)
 ROW_DTYPES = ("bfloat16", "float32")
 N_ROWS = 4096  # rows of the row-kernel shapes: the many-rows regime (>= 2x the SMs of any target)
@@ -260,7 +271,11 @@ def loop_metrics(instrs: list[Instr], elems_per_thread) -> dict:
         return {}
     loads, stores = lp.loads, lp.stores
     e = elems_per_thread(lp)
+    # every loop that loads, for kernels that pick a path at run time (e.g. vector body vs scalar fallback)
+    loading = [dict(span=f"{x.start:#x}-{x.end:#x}", instructions=len(x.body), load_bytes=x.load_bytes,
+                    load_widths=sorted({access_bits(i.op) for i in x.loads})) for x in loops_of(instrs) if x.loads]
     return dict(hot_loop=kind, hot_loop_span=f"{lp.start:#x}-{lp.end:#x}", hot_loop_instructions=len(lp.body),
+                loading_loops=loading,
                 load_bits=min((access_bits(i.op) for i in loads), default=None),
                 store_bits=min((access_bits(i.op) for i in stores), default=None),
                 load_widths=sorted({access_bits(i.op) for i in loads}),
@@ -476,11 +491,15 @@ def triton_records(arch: int, jobs: int) -> list[dict]:
 # CUDA
 def setup_nvcc_flags() -> list[str]:
     """setup.py's NVCC_FLAGS (read from its source: importing setup.py would run setup())."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in tree.body:
+    module = ast.parse((tree() / "setup.py").read_text())
+    for node in module.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
             return list(ast.literal_eval(node.value))
-    raise RuntimeError("setup.py defines no NVCC_FLAGS")
+    for node in ast.walk(module):  # a setup.py from before NVCC_FLAGS: the list assigned to [...]["nvcc"]
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript)
+                and isinstance(node.targets[0].slice, ast.Constant) and node.targets[0].slice.value == "nvcc"):
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError(f"{tree() / 'setup.py'} defines no NVCC_FLAGS")
 
 
 def nvcc_command(nvcc: str, src: Path, arch: int, out: Path, extra=()) -> list[str]:
@@ -491,7 +510,7 @@ def nvcc_command(nvcc: str, src: Path, arch: int, out: Path, extra=()) -> list[s
 
     tinc = Path(torch.__file__).parent / "include"
     return [nvcc, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", *setup_nvcc_flags(),
-            *ce.COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}", f"-I{tinc}", f"-I{tinc / 'torch/csrc/api/include'}",
+            *ce.COMMON_NVCC_FLAGS, f"-I{tree() / 'csrc'}", f"-I{tinc}", f"-I{tinc / 'torch/csrc/api/include'}",
             "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Xptxas", "-v", *extra,
             str(src), "-o", str(out)]
@@ -499,7 +518,7 @@ def nvcc_command(nvcc: str, src: Path, arch: int, out: Path, extra=()) -> list[s
 
 def compile_cuda(nvcc: str, src: Path, arch: int, extra=()) -> tuple[str, bytes]:
     """(ptxas -v log, cubin) of one .cu file; cached on the sources, flags and nvcc."""
-    deps = sorted((ROOT / "csrc").glob("*.h")) + sorted((ROOT / "csrc").glob("*.cuh")) + [src]
+    deps = sorted((tree() / "csrc").glob("*.h")) + sorted((tree() / "csrc").glob("*.cuh")) + [src]
     h = hashlib.sha256()
     for p in deps:
         h.update(p.name.encode() + p.read_bytes())
@@ -545,7 +564,7 @@ def _cuda_block_sizes() -> tuple[dict[str, list[int]], dict[str, dict[int, int]]
     the source (integer literals, namespace constexprs, threads_for(V) at the benchmark vocabularies):
     ({kernel: [threads]}, {kernel: {V: threads}} for the kernels launched with threads_for(V))."""
     consts: dict[str, int] = {}
-    srcs = {p: p.read_text() for p in sorted((ROOT / "csrc").glob("*.cu*"))}
+    srcs = {p: p.read_text() for p in sorted((tree() / "csrc").glob("*.cu*"))}
     for text in srcs.values():
         for m in re.finditer(r"constexpr\s+(?:int|int64_t|unsigned)\s+(\w+)\s*=\s*([^;]+);", text):
             try:
@@ -589,7 +608,7 @@ def cuda_records(arch: int, jobs: int) -> list[dict]:
     if nvcc is None:
         print("static_profile: no nvcc (CUDA_HOME, /usr/local/cuda, PATH): CUDA kernels skipped", file=sys.stderr)
         return []
-    srcs = sorted((ROOT / "csrc").glob("*.cu"))
+    srcs = sorted((tree() / "csrc").glob("*.cu"))
     with ThreadPoolExecutor(max(1, jobs)) as ex:
         built = list(ex.map(lambda s: compile_cuda(nvcc, s, arch), srcs))
     blocks, vocab_blocks = _cuda_block_sizes()
@@ -677,7 +696,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in args.arch:
         recs = profile(arch, args.jobs, cuda=not args.no_cuda)
-        (args.out / f"sm_{arch}.json").write_text(json.dumps(recs, indent=1) + "\n")
+        (args.out / f"sm_{arch}.json").write_text(  # one record per line: diffs show what changed
+            "[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n")
         (args.out / f"sm_{arch}.md").write_text(markdown(arch, recs))
         print(f"static_profile: {len(recs)} records -> {args.out / f'sm_{arch}.json'}")
 
