@@ -16,6 +16,8 @@ import shutil
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# nvcc flags of the CUDA sources (also read by benchmarks/static_profile.py, which compiles them to cubins)
+NVCC_FLAGS = ["-O3", "-std=c++20", "-DWITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def _extensions():
@@ -52,8 +54,7 @@ def _extensions():
     if with_cuda:
         kwargs["sources"] += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(csrc, "*.cu")))
         kwargs["extra_compile_args"]["cxx"].append("-DWITH_CUDA")
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "-DWITH_CUDA", "--expt-relaxed-constexpr",
-                                                "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = list(NVCC_FLAGS)
         ext = ce.CUDAExtension(**kwargs)
     else:
         ext = ce.CppExtension(**kwargs)
