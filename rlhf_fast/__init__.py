@@ -10,6 +10,8 @@ from . import _backend, _compiled  # noqa: F401  (registers the compiled backend
 from . import ops  # noqa: F401  (registers the Triton backends when triton imports)
 from ._backend import BACKENDS, backends_for, use_backend, why_unavailable
 from .functional import (
+    AGG_MODES,
+    aggregate,
     gae,
     grpo_advantages,
     kl,
@@ -35,7 +37,7 @@ def available_backends() -> dict[str, str]:
 
 
 __all__ = [
-    "BACKENDS", "available_backends", "backends_for", "use_backend", "gae", "grpo_advantages", "kl",
+    "AGG_MODES", "BACKENDS", "aggregate", "available_backends", "backends_for", "use_backend", "gae", "grpo_advantages", "kl",
     "kl_penalized_rewards", "linear_logprobs", "logprobs", "masked_mean", "masked_whiten",
     "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
     "reinforce_pp_returns", "rloo_advantages",
