@@ -24,7 +24,7 @@ import torch
 
 from . import _checks as check
 from . import reference as ref
-from ._backend import register, select
+from ._backend import current_override, register, select
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -168,15 +168,10 @@ def _check_group_index(scores, group_size, group_index, backend, op):
         raise ValueError(f"group_index must be [B] = [{scores.shape[0]}], got {tuple(group_index.shape)}")
     if group_size is not None:
         raise ValueError("pass group_size or group_index, not both")
-    chosen = backend or _backend_override()
+    chosen = backend or current_override()
     if chosen not in (None, "reference"):
         raise NotImplementedError(f"{op}(group_index=...) has no {chosen!r} kernel: the uneven groups run as torch "
                                   f"index ops (backend='reference' or backend=None)")
-
-
-def _backend_override():
-    from ._backend import current_override
-    return current_override()
 
 
 def grpo_advantages(scores, group_size=None, *, normalize_std=True, eps=1e-6, group_index=None, backend=None):
