@@ -3,6 +3,20 @@
 
 Every op is differentiable in its floating inputs; every backend is checked against
 ``rlhf_fast.reference``.
+
+Output dtype, one rule for every op and backend: math runs in fp32, or fp64 when a floating input is
+fp64, and every floating output (values, losses, statistics) is in that math dtype (fp32 for fp16/bf16
+inputs). Gradients come back in the dtype of the input they belong to.
+
+Aggregations (``agg=``) of the loss ops, with m the mask and w the optional per-token ``weights``:
+  token-mean               Σ w·ℓ·m / N, N = ``num_tokens`` (default Σ m, the local count)
+  token-sum                Σ w·ℓ·m
+  seq-mean-token-sum       Σ_rows Σ_t w·ℓ·m / S, S = ``num_seqs`` (default: rows with a token)
+  seq-mean-token-sum-norm  seq-mean-token-sum / T (T = the padded length, Dr. GRPO)
+  seq-mean-token-mean      Σ_rows (Σ_t w·ℓ·m / Σ_t m) / S
+Under data parallelism pass the global counts as ``num_tokens`` / ``num_seqs`` (divided by the number
+of ranks if the gradients are averaged over ranks). The statistics (clip fractions, approx_kl) stay
+local token means over the mask, unweighted.
 """
 from __future__ import annotations
 
@@ -10,11 +24,14 @@ import torch
 
 from . import _checks as check
 from . import reference as ref
-from ._backend import register, select
+from ._backend import current_override, register, select
 from ._layout import logits_rows
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+# the backends reduce with these three modes and the local counts; the others are a scalar factor away
+_BACKEND_AGG = {"token-mean": "token-mean", "token-sum": "token-mean", "seq-mean-token-sum": "seq-mean-token-sum",
+                "seq-mean-token-sum-norm": "seq-mean-token-sum", "seq-mean-token-mean": "seq-mean-token-mean"}
 
 # The reference implements every op; other backends register themselves on import.
 for _name in ("logprobs", "linear_logprobs", "kl", "gae", "reinforce_pp_returns", "grpo_advantages",
@@ -83,21 +100,26 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignor
     return impl(hidden, weight, labels.long(), bias, temperature, ignore_index, return_entropy)
 
 
-def kl(logp, ref_logp, *, estimator="k3", clamp=None, backend=None):
+def kl(logp, ref_logp, *, estimator="k3", clamp=None, old_logp=None, backend=None):
     """Per-token KL(π‖π_ref) estimate from the sampled tokens' log-probs; logp, ref_logp [...].
 
     "k1" logp - ref, "k2" ½(logp - ref)², "k3" exp(ref - logp) - (ref - logp) - 1, "abs" |logp - ref|;
     a "+" suffix ("k3+") keeps that value with k2's gradient (straight-through, unbiased gradient of KL).
     ``clamp=c`` bounds the output to [-c, c] (at exactly ±c the gradient passes; NaN stays NaN).
+    ``old_logp`` [...] (the sampling policy's log-probs): multiply by the importance ratio exp(logp - old_logp), gradient through it, as TRL's GRPO does by
+    default (``use_bias_correction_kl``) so that samples from π_old give the unbiased KL gradient.
     """
     check.floating("logp", logp)
     check.floating("ref_logp", ref_logp)
-    check.same_shape("logp", logp, ref_logp=ref_logp)
-    check.same_device("logp", logp, ref_logp=ref_logp)
+    check.same_shape("logp", logp, ref_logp=ref_logp, old_logp=old_logp)
+    check.same_device("logp", logp, ref_logp=ref_logp, old_logp=old_logp)
+    if old_logp is not None:
+        check.floating("old_logp", old_logp)
     check.choice("estimator", estimator, KL_ESTIMATORS)
     if clamp is not None:
         check.positive("clamp", clamp)
-    return select("kl", logp.device, backend)(logp, ref_logp, estimator, clamp)
+    out = select("kl", logp.device, backend)(logp, ref_logp, estimator, clamp)
+    return out if old_logp is None else out * ref.importance_ratio(logp, old_logp)
 
 
 def _check_bt(ref_name, ref_t, **others):
@@ -116,7 +138,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, backend=None):
     Over the valid positions of a row, δ_t = r_t + γ·V_next - V_t (V past the last = 0) and
     A_t = δ_t + γλ·A_next; masked positions get 0 and are stepped over (value and running advantage
     carry across them), so right padding, left padding and holes all work. Math in fp32 (fp64 for
-    fp64 inputs); outputs in the dtype of ``values``.
+    fp64 inputs), outputs in the math dtype (the module's dtype rule).
     """
     check.floating("rewards", rewards)
     check.ndim("rewards", rewards, 2)
@@ -140,14 +162,44 @@ def _check_groups(scores, group_size, minimum):
                          f"got {group_size!r}")
 
 
-def grpo_advantages(scores, group_size, *, normalize_std=True, backend=None):
-    """GRPO advantages (s - group mean) / (group std + 1e-6); scores [B] with consecutive groups -> [B]."""
+def _check_group_index(scores, group_size, group_index, backend, op):
+    check.floating("scores", scores)
+    check.ndim("scores", scores, 1)
+    check.tensor("group_index", group_index)
+    if group_index.shape != scores.shape:
+        raise ValueError(f"group_index must be [B] = [{scores.shape[0]}], got {tuple(group_index.shape)}")
+    if group_size is not None:
+        raise ValueError("pass group_size or group_index, not both")
+    chosen = backend or current_override()
+    if chosen not in (None, "reference"):
+        raise NotImplementedError(f"{op}(group_index=...) has no {chosen!r} kernel: the uneven groups run as torch "
+                                  f"index ops (backend='reference' or backend=None)")
+
+
+def grpo_advantages(scores, group_size=None, *, normalize_std=True, eps=1e-6, group_index=None, backend=None):
+    """GRPO advantages (s - group mean) / (group std + eps), std unbiased; scores [B] -> [B].
+
+    Groups: consecutive blocks of ``group_size``, or ``group_index`` [B] (any integer labels, groups of
+    any size, in any order; a group of one has no baseline: mean 0, std 1, as verl does). Uneven groups
+    run as torch index ops (B scalars) on every device; ``backend`` other than "reference" raises then.
+    TRL uses eps=1e-4, verl and OpenRLHF 1e-6 (as here) and 1e-9 in OpenRLHF's group_norm.
+    """
+    if group_index is not None:
+        _check_group_index(scores, group_size, group_index, backend, "grpo_advantages")
+        return ref.grpo_advantages(scores, None, normalize_std, float(eps), group_index)
     _check_groups(scores, group_size, 2 if normalize_std else 1)
-    return select("grpo_advantages", scores.device, backend)(scores, group_size, normalize_std)
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return select("grpo_advantages", scores.device, backend)(scores, group_size, normalize_std, float(eps))
 
 
-def rloo_advantages(scores, group_size, *, backend=None):
-    """RLOO advantages s_i - mean of the other scores of its group; scores [B] -> [B]."""
+def rloo_advantages(scores, group_size=None, *, group_index=None, backend=None):
+    """RLOO advantages s_i - mean of the other scores of its group; scores [B] -> [B].
+
+    Groups as in ``grpo_advantages`` (a group of one keeps its score)."""
+    if group_index is not None:
+        _check_group_index(scores, group_size, group_index, backend, "rloo_advantages")
+        return ref.rloo_advantages(scores, None, group_index)
     _check_groups(scores, group_size, 2)
     return select("rloo_advantages", scores.device, backend)(scores, group_size)
 
@@ -188,10 +240,87 @@ def masked_whiten(x, mask, shift_mean=True):
     return ref.masked_whiten(x, mask, shift_mean)
 
 
-def _check_agg(agg, t):
+def _check_agg(agg, t, num_tokens=None, num_seqs=None):
     check.choice("agg", agg, AGG_MODES)
-    if agg != "token-mean" and t.dim() != 2:
+    if agg not in ("token-mean", "token-sum") and t.dim() != 2:
         raise ValueError(f"agg={agg!r} needs [B, T] inputs, got shape {tuple(t.shape)}")
+    if num_tokens is not None and agg != "token-mean":
+        raise ValueError(f"num_tokens normalises agg='token-mean' only, got agg={agg!r}")
+    if num_seqs is not None and not agg.startswith("seq-mean"):
+        raise ValueError(f"num_seqs normalises the seq-mean aggregations only, got agg={agg!r}")
+    for name, v in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if isinstance(v, (int, float)) and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v!r}")
+        if v is not None and not isinstance(v, (int, float, torch.Tensor)):
+            raise ValueError(f"{name} must be a number or a 0-d tensor, got {type(v).__name__}")
+
+
+def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, weights=None):
+    """Reduce a per-token value x [B, T] (any shape for the token modes) to a scalar, as the loss ops do.
+
+    mask of x's shape (nonzero = valid; a float mask is a weight), weights of x's shape or None;
+    ``agg`` and the global normalisers ``num_tokens`` / ``num_seqs`` as in the module docstring.
+    Returns a 0-d tensor in the math dtype.
+    """
+    check.floating("x", x)
+    check.mask("mask", mask)
+    check.same_shape("x", x, mask=mask, weights=weights)
+    check.same_device("x", x, mask=mask, weights=weights)
+    _check_agg(agg, x, num_tokens, num_seqs)
+    return ref.aggregate(ref._acc(x), mask, agg, num_tokens, num_seqs, weights)
+
+
+def _count(v, like):
+    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return torch.where(t != 0, t, torch.ones_like(t))
+
+
+def _agg_factor(mask, agg, num_tokens, num_seqs, dtype):
+    """The scalar f with agg(ℓ) = f · backend_agg(ℓ), backend_agg = _BACKEND_AGG[agg] with local counts
+    (None when f = 1). No host sync."""
+    if agg in ("token-mean", "token-sum"):
+        if agg == "token-mean" and num_tokens is None:
+            return None
+        local = mask.to(dtype).sum()
+        local = torch.where(local != 0, local, torch.ones_like(local))
+        return local if agg == "token-sum" else local / _count(num_tokens, local)
+    f = None
+    if num_seqs is not None:
+        rows = (mask.to(dtype).sum(-1) != 0).to(dtype).sum()
+        rows = torch.where(rows != 0, rows, torch.ones_like(rows))
+        f = rows / _count(num_seqs, rows)
+    if agg == "seq-mean-token-sum-norm":
+        f = (1.0 if f is None else f) / mask.shape[-1]
+    return f
+
+
+def _token_coefficients(mask, agg, num_tokens, num_seqs, weights, dtype):
+    """c with agg(ℓ; weights) = Σ c·ℓ: the weighted loss as Σ c·ℓ / Σ c (a token-mean with mask c) · Σ c."""
+    m = mask.to(dtype)
+    c = m * weights.to(dtype)
+    if agg == "token-mean":
+        return c / _count(m.sum() if num_tokens is None else num_tokens, m)
+    if agg == "token-sum":
+        return c
+    n_tok = m.sum(-1, keepdim=True)
+    rows = (n_tok != 0).to(dtype)
+    c = c * rows / _count(rows.sum() if num_seqs is None else num_seqs, m)
+    if agg == "seq-mean-token-mean":
+        c = c / torch.where(n_tok != 0, n_tok, torch.ones_like(n_tok))
+    return c / mask.shape[-1] if agg == "seq-mean-token-sum-norm" else c
+
+
+def _check_weights(weights, like):
+    check.floating("weights", weights)
+    check.same_shape("logp", like, weights=weights)
+    check.nonnegative("weights", weights)
+
+
+def _row_advantages(advantages, logp):
+    """Advantages [B, 1] (one per sequence) broadcast over the T tokens of logp [B, T]."""
+    if logp.dim() == 2 and advantages.dim() == 2 and advantages.shape == (logp.shape[0], 1) and logp.shape[1] != 1:
+        return advantages.expand_as(logp)
+    return advantages
 
 
 def _check_clip(name, v, allow_none=False):
@@ -201,38 +330,67 @@ def _check_clip(name, v, allow_none=False):
         raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", backend=None):
-    """PPO clipped policy loss. logp, old_logp, advantages, mask [B, T] (or any one shape for token-mean).
+def _weighted_loss(impl, first, args, mask, agg, num_tokens, num_seqs, weights):
+    """Run a loss backend under ``agg`` with normalisers and weights, through the backends' three modes.
 
-    Per token max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(clamp(logp - old_logp, ±20));
+    Without weights: the backend's loss times a no-grad scalar. With weights: the loss from a token-mean
+    run with mask c (the per-token coefficients), times Σ c, and the statistics from a second, no-grad
+    run with the real mask (two passes of an elementwise kernel)."""
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in (first, *args[:2]) if t is not None) else torch.float32
+    if weights is None:
+        loss, stats = impl(first, *args[:2], mask, *args[2:], _BACKEND_AGG[agg])
+        f = _agg_factor(mask, agg, num_tokens, num_seqs, loss.dtype)
+        return (loss if f is None else loss * f), stats
+    c = _token_coefficients(mask, agg, num_tokens, num_seqs, weights, dt)
+    loss, _ = impl(first, *args[:2], c, *args[2:], "token-mean")
+    with torch.no_grad():
+        _, stats = impl(first.detach(), *(a.detach() for a in args[:2]), mask, *args[2:], "token-mean")
+    return loss * c.sum(), stats
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", weights=None, num_tokens=None, num_seqs=None, backend=None):
+    """PPO clipped policy loss. logp, old_logp, mask [B, T] (or any one shape for the token modes);
+    advantages [B, T] or [B, 1] (one per sequence, broadcast over T); weights [B, T] >= 0 or None.
+
+    Per token ℓ = max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(clamp(logp - old_logp, ±20));
     clip_high defaults to clip_low (set it higher for "clip-higher"); dual_clip=c (> 1) caps tokens
-    with A < 0 at -A·c. Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac).
-    At the kinks (see rlhf_fast.reference): the clips pass their exact ends, a tie of the max / min
-    keeps the unclipped branch; NaN in any input gives a NaN loss.
+    with A < 0 at -A·c. At the kinks (see rlhf_fast.reference): the clips pass their exact ends, a tie
+    of the max / min keeps the unclipped branch; NaN in any input gives a NaN loss. ``weights`` multiply ℓ (importance-sampling corrections, e.g. verl's
+    rollout_is_weights). ``agg``, ``num_tokens``, ``num_seqs``: see the module docstring.
+    Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac).
     """
     check.floating("logp", logp)
+    advantages = _row_advantages(advantages, logp)
     _check_bt("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    _check_agg(agg, logp)
+    _check_agg(agg, logp, num_tokens, num_seqs)
     _check_clip("clip_low", clip_low)
     _check_clip("clip_high", clip_high, allow_none=True)
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
         raise ValueError(f"dual_clip must be a number > 1, got {dual_clip!r}")
-    return select("ppo_policy_loss", logp.device, backend)(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    if weights is not None:
+        _check_weights(weights, logp)
+    impl = select("ppo_policy_loss", logp.device, backend)
+    return _weighted_loss(impl, logp, (old_logp, advantages, clip_low, clip_high, dual_clip), mask, agg,
+                          num_tokens, num_seqs, weights)
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", backend=None):
+def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", weights=None, num_tokens=None,
+                   num_seqs=None, backend=None):
     """Clipped value loss ½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated.
 
-    values, old_values, returns, mask [B, T]; clip=None: plain ½(v - R)². Returns (loss, stats: vf_clipfrac).
     At |v - old_v| == clip exactly the clipped value is v (a tie): the unclipped loss takes the gradient.
+    values, old_values, returns, mask [B, T]; clip=None: plain ½(v - R)². ``weights``, ``agg``,
+    ``num_tokens``, ``num_seqs`` as in ppo_policy_loss. Returns (loss, stats: vf_clipfrac).
     """
     check.floating("values", values)
     _check_bt("values", values, old_values=old_values, returns=returns, mask=mask)
-    _check_agg(agg, values)
+    _check_agg(agg, values, num_tokens, num_seqs)
     _check_clip("clip", clip, allow_none=True)
-    return select("ppo_value_loss", values.device, backend)(values, old_values, returns, mask, clip, agg)
+    if weights is not None:
+        _check_weights(weights, values)
+    impl = select("ppo_value_loss", values.device, backend)
+    return _weighted_loss(impl, values, (old_values, returns, clip), mask, agg, num_tokens, num_seqs, weights)
 
 
 def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
@@ -248,21 +406,41 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
 
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                          kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                         dual_clip=None, agg="token-mean", backend=None):
+                         dual_clip=None, agg="token-mean", weights=None, num_tokens=None, num_seqs=None,
+                         backend=None):
     """The PPO policy loss straight from the logits, with KL and entropy terms.
 
     logits [B, T, V], labels [B, T] (masked positions may hold anything in [0, V) or -100),
-    old_logp, advantages, mask, ref_logp [B, T]. loss = pg_loss + kl_coef·agg(kl) - entropy_coef·agg(H).
+    old_logp, mask, ref_logp [B, T], advantages [B, T] or [B, 1].
+    loss = pg_loss + kl_coef·agg(kl) - entropy_coef·agg(H); ``num_tokens`` / ``num_seqs`` normalise all
+    three terms, ``weights`` multiply the policy term only (reference backend only for now: the fused
+    kernels raise NotImplementedError).
     Returns (loss, stats: pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl if ref_logp given).
     """
     _check_logits_labels(logits, labels, temperature)
     check.floating("old_logp", old_logp)
+    advantages = _row_advantages(advantages, old_logp)
     _check_bt("old_logp", old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
     if old_logp.shape != labels.shape:
         raise ValueError(f"old_logp must have the shape of labels {tuple(labels.shape)}, got {tuple(old_logp.shape)}")
-    _check_agg(agg, old_logp)
+    _check_agg(agg, old_logp, num_tokens, num_seqs)
     check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     check.labels_in_range(labels, logits.shape[-1], -100)
-    return select("ppo_loss_from_logits", logits.device, backend)(
-        logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
-        temperature, clip_low, clip_high, dual_clip, agg)
+    impl = select("ppo_loss_from_logits", logits.device, backend)
+    args = (logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
+            temperature, clip_low, clip_high, dual_clip)
+    if weights is not None:
+        _check_weights(weights, old_logp)
+        if impl is not ref.ppo_loss_from_logits:
+            raise NotImplementedError("ppo_loss_from_logits(weights=...) runs on the 'reference' backend only; the "
+                                      "fused kernels weight all three terms alike. Use rf.logprobs + "
+                                      "rf.ppo_policy_loss(weights=...) or backend='reference'")
+        return impl(*args, agg, weights, num_tokens, num_seqs)
+    loss, stats = impl(*args, _BACKEND_AGG[agg])
+    f = _agg_factor(mask, agg, num_tokens, num_seqs, loss.dtype)
+    if f is None:
+        return loss, stats
+    for k in ("pg_loss", "entropy", "kl"):
+        if k in stats:
+            stats[k] = stats[k] * f
+    return loss * f, stats
