@@ -15,6 +15,7 @@ from .functional import (
     kl,
     kl_penalized_rewards,
     linear_logprobs,
+    linear_ppo_loss,
     logprobs,
     masked_mean,
     masked_whiten,
@@ -36,7 +37,7 @@ def available_backends() -> dict[str, str]:
 
 __all__ = [
     "BACKENDS", "available_backends", "backends_for", "use_backend", "gae", "grpo_advantages", "kl",
-    "kl_penalized_rewards", "linear_logprobs", "logprobs", "masked_mean", "masked_whiten",
+    "kl_penalized_rewards", "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_mean", "masked_whiten",
     "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
     "reinforce_pp_returns", "rloo_advantages",
 ]

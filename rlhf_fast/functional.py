@@ -261,3 +261,75 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
     return select("ppo_loss_from_logits", logits.device, backend)(
         logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
         temperature, clip_low, clip_high, dual_clip, agg)
+
+
+def _check_cu_seqlens(cu_seqlens, n, device):
+    """cu_seqlens [S + 1] integer, non-decreasing from 0 to n (the flat token count)."""
+    check.integer("cu_seqlens", cu_seqlens)
+    check.ndim("cu_seqlens", cu_seqlens, 1)
+    check.same_device("cu_seqlens", cu_seqlens, tokens=torch.empty(0, device=device))
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens must be [S + 1] offsets starting at 0, got an empty tensor")
+    if check._tracing(cu_seqlens):
+        return
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to the number of tokens {n}, got "
+                         f"{cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else '...'}")
+
+
+def _linear_ppo_loss_reference(*args, cu_seqlens=None, chunk_size=None):
+    return ref.linear_ppo_loss(*args, cu_seqlens=cu_seqlens)  # (materialises: no chunks)
+
+
+register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)
+
+
+def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_logp=None, kl_coef=0.0,
+                    kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                    dual_clip=None, agg="token-mean", cu_seqlens=None, head_dtype=None, chunk_size=None,
+                    backend=None):
+    """ppo_loss_from_logits(hidden @ weight.T + bias, ...) without the [N, V] logits.
+
+    hidden [B, T, H] (or [N, H] packed: sequences at rows cu_seqlens[i]:cu_seqlens[i+1]), weight [V, H],
+    bias [V] or None; labels, old_logp, advantages, mask, ref_logp [B, T] (or [N]); cu_seqlens [S + 1]
+    int (agg per sequence, as the padded [S, T] call). head_dtype: the dtype the head's GEMMs run in
+    (e.g. torch.float32 for bf16 models); chunk_size: rows of logits per chunk (default adapts to N
+    and V, at most N/8 rows). Same value, gradients (hidden, weight, bias) and stats as
+    ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so the loss can
+    be backpropagated once.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        check.floating(name, t)
+    check.ndim("weight", weight, 2)
+    check.integer("labels", labels)
+    check.same_device("hidden", hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
+    if hidden.dim() < 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden must be [..., H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if head_dtype is not None and head_dtype not in check.FLOAT_DTYPES:
+        raise ValueError(f"head_dtype must be a floating dtype or None, got {head_dtype!r}")
+    check.positive("temperature", temperature)
+    check.floating("old_logp", old_logp)
+    _check_bt("old_logp", old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+    if old_logp.shape != labels.shape:
+        raise ValueError(f"old_logp must have the shape of labels {tuple(labels.shape)}, got {tuple(old_logp.shape)}")
+    if cu_seqlens is not None:
+        if hidden.dim() != 2:
+            raise ValueError(f"with cu_seqlens, hidden must be packed [N, H], got {tuple(hidden.shape)}")
+        _check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+        check.choice("agg", agg, AGG_MODES)
+    else:
+        _check_agg(agg, old_logp)
+    check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _check_clip("clip_low", clip_low)
+    _check_clip("clip_high", clip_high, allow_none=True)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip must be a number > 1, got {dual_clip!r}")
+    check.labels_in_range(labels, weight.shape[0], -100)
+    impl = select("linear_ppo_loss", hidden.device, backend)
+    return impl(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, kl_coef, kl_estimator,
+                entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, head_dtype,
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size)
