@@ -107,23 +107,32 @@ def _check_bt(ref_name, ref_t, **others):
             (check.mask if name.endswith("mask") else check.floating)(name, t)
 
 
-def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, backend=None):
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, cu_seqlens=None, max_seqlen=None, backend=None):
     """Generalised advantage estimation with masked positions skipped.
 
     rewards, values [B, T] float, mask [B, T] (nonzero = valid) -> advantages, returns [B, T].
     Over the valid positions of a row, δ_t = r_t + γ·V_next - V_t (V past the last = 0) and
     A_t = δ_t + γλ·A_next; masked positions get 0 and are stepped over (value and running advantage
     carry across them), so right padding, left padding and holes all work. Math in fp32 (fp64 for
-    fp64 inputs); outputs in the dtype of ``values``.
+    fp64 inputs); outputs in the dtype of ``values``. Packed: rewards, values, mask [N] with
+    cu_seqlens [S + 1] (see ``Packing``); no recursion crosses a sequence boundary.
     """
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, rewards, max_seqlen)
+        adv, ret = gae(p.pad(rewards), p.pad(values), p.pad(mask), gamma=gamma, lam=lam, backend=backend)
+        return p.pack(adv), p.pack(ret)
     check.floating("rewards", rewards)
     check.ndim("rewards", rewards, 2)
     _check_bt("rewards", rewards, values=values, mask=mask)
     return select("gae", rewards.device, backend)(rewards, values, mask, gamma, lam)
 
 
-def reinforce_pp_returns(rewards, mask, *, gamma=1.0, backend=None):
-    """Discounted returns G_t = r_t + γ·G_next over valid positions; rewards, mask [B, T] -> [B, T]."""
+def reinforce_pp_returns(rewards, mask, *, gamma=1.0, cu_seqlens=None, max_seqlen=None, backend=None):
+    """Discounted returns G_t = r_t + γ·G_next over valid positions; rewards, mask [B, T] -> [B, T]
+    (or [N] packed with cu_seqlens)."""
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, rewards, max_seqlen)
+        return p.pack(reinforce_pp_returns(p.pad(rewards), p.pad(mask), gamma=gamma, backend=backend))
     check.floating("rewards", rewards)
     check.ndim("rewards", rewards, 2)
     _check_bt("rewards", rewards, mask=mask)
@@ -150,12 +159,18 @@ def rloo_advantages(scores, group_size, *, backend=None):
     return select("rloo_advantages", scores.device, backend)(scores, group_size)
 
 
-def kl_penalized_rewards(score, logp, ref_logp, mask, *, beta, estimator="k1", backend=None):
+def kl_penalized_rewards(score, logp, ref_logp, mask, *, beta, estimator="k1", cu_seqlens=None, max_seqlen=None,
+                         backend=None):
     """Per-token rewards: -β·kl(logp, ref_logp) on response tokens and ``score`` added on the last one.
 
     score [B], logp / ref_logp / mask [B, T] -> rewards [B, T]. "Last" is the last position with
     mask = 1 (as OpenRLHF and verl do; TRL puts it one past EOS). Rows without a valid token get 0.
+    Packed: score [S], logp / ref_logp / mask [N] with cu_seqlens [S + 1] -> rewards [N].
     """
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, logp, max_seqlen)
+        return p.pack(kl_penalized_rewards(score, p.pad(logp), p.pad(ref_logp), p.pad(mask), beta=beta,
+                                           estimator=estimator, backend=backend))
     check.floating("logp", logp)
     check.ndim("logp", logp, 2)
     _check_bt("logp", logp, ref_logp=ref_logp, mask=mask)
@@ -200,13 +215,20 @@ def _check_clip(name, v, allow_none=False):
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", backend=None):
+                    agg="token-mean", cu_seqlens=None, max_seqlen=None, backend=None):
     """PPO clipped policy loss. logp, old_logp, advantages, mask [B, T] (or any one shape for token-mean).
 
     Per token max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(clamp(logp - old_logp, ±20));
     clip_high defaults to clip_low (set it higher for "clip-higher"); dual_clip=c (> 1) caps tokens
     with A < 0 at -A·c. Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac).
+    Packed: [N] inputs with cu_seqlens [S + 1]; agg per sequence, as the padded [S, T] call.
     """
+    if cu_seqlens is not None and agg != "token-mean":
+        p = Packing(cu_seqlens, logp, max_seqlen)
+        return ppo_policy_loss(p.pad(logp), p.pad(old_logp), p.pad(advantages), p.pad(mask), clip_low=clip_low,
+                               clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend)
+    if cu_seqlens is not None:  # token-mean does not see the sequences
+        Packing(cu_seqlens, logp, max_seqlen)
     check.floating("logp", logp)
     _check_bt("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
     _check_agg(agg, logp)
@@ -218,11 +240,18 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", backend=None):
+def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", cu_seqlens=None,
+                   max_seqlen=None, backend=None):
     """Clipped value loss ½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated.
 
-    values, old_values, returns, mask [B, T]; clip=None: plain ½(v - R)². Returns (loss, stats: vf_clipfrac).
+    values, old_values, returns, mask [B, T] (or [N] packed with cu_seqlens [S + 1], agg per sequence);
+    clip=None: plain ½(v - R)². Returns (loss, stats: vf_clipfrac).
     """
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, values, max_seqlen)
+        if agg != "token-mean":
+            return ppo_value_loss(p.pad(values), p.pad(old_values), p.pad(returns), p.pad(mask), clip=clip, agg=agg,
+                                  backend=backend)
     check.floating("values", values)
     _check_bt("values", values, old_values=old_values, returns=returns, mask=mask)
     _check_agg(agg, values)
@@ -243,13 +272,23 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
 
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                          kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                         dual_clip=None, agg="token-mean", backend=None):
+                         dual_clip=None, agg="token-mean", cu_seqlens=None, max_seqlen=None, backend=None):
     """The PPO policy loss straight from the logits, with KL and entropy terms.
 
     logits [B, T, V], labels [B, T] (masked positions may hold anything in [0, V) or -100),
     old_logp, advantages, mask, ref_logp [B, T]. loss = pg_loss + kl_coef·agg(kl) - entropy_coef·agg(H).
     Returns (loss, stats: pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl if ref_logp given).
+    Packed: logits [N, V] and [N] per-token inputs with cu_seqlens [S + 1]; a seq-mean agg scatters
+    the logits to [S, T_max, V] (a copy: rf.linear_ppo_loss packs without one).
     """
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, labels, max_seqlen)
+        if agg != "token-mean":
+            return ppo_loss_from_logits(
+                p.pad(logits), p.pad(labels, -100), p.pad(old_logp), p.pad(advantages), p.pad(mask),
+                ref_logp=p.pad(ref_logp), kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                backend=backend)
     _check_logits_labels(logits, labels, temperature)
     check.floating("old_logp", old_logp)
     _check_bt("old_logp", old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
@@ -261,6 +300,42 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
     return select("ppo_loss_from_logits", logits.device, backend)(
         logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
         temperature, clip_low, clip_high, dual_clip, agg)
+
+
+class Packing:
+    """Packed sequences: a flat [N] token axis with sequence i at rows cu_seqlens[i]:cu_seqlens[i+1]
+    (flash-attn varlen, verl remove-padding), mapped to padded [S, T] rows by index ops (differentiable).
+    T = max_seqlen if given (no host sync), else the longest sequence (one sync)."""
+
+    def __init__(self, cu_seqlens, like, max_seqlen=None):
+        check.tensor("like", like)
+        if like.dim() != 1:
+            raise ValueError(f"packed per-token inputs (with cu_seqlens) must be [N], got shape {tuple(like.shape)}")
+        n = like.shape[0]
+        _check_cu_seqlens(cu_seqlens, n, like.device)
+        cu = cu_seqlens.long()
+        lens = cu[1:] - cu[:-1]
+        self.S = lens.shape[0]
+        if max_seqlen is None:
+            self.T = int(lens.max()) if self.S else 0
+        elif not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
+        else:
+            self.T = max_seqlen
+            if self.S and not check._tracing(cu) and int(lens.max()) > max_seqlen:
+                raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({int(lens.max())})")
+        self.seq = torch.repeat_interleave(torch.arange(self.S, device=cu.device), lens, output_size=n)
+        self.pos = torch.arange(n, device=cu.device) - cu[:-1][self.seq]
+
+    def pad(self, x, fill=0):
+        """[N, ...] -> [S, T, ...], ``fill`` past each sequence's end (None stays None)."""
+        if x is None:
+            return None
+        return x.new_full((self.S, self.T, *x.shape[1:]), fill).index_put((self.seq, self.pos), x)
+
+    def pack(self, x):
+        """[S, T, ...] -> [N, ...]."""
+        return x[self.seq, self.pos]
 
 
 def _check_cu_seqlens(cu_seqlens, n, device):
@@ -277,8 +352,15 @@ def _check_cu_seqlens(cu_seqlens, n, device):
                          f"{cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else '...'}")
 
 
-def _linear_ppo_loss_reference(*args, cu_seqlens=None, chunk_size=None):
-    return ref.linear_ppo_loss(*args, cu_seqlens=cu_seqlens)  # (materialises: no chunks)
+def _linear_ppo_loss_reference(hidden, weight, labels, old_logp, advantages, mask, *args, cu_seqlens=None,
+                               chunk_size=None):
+    """The reference materialises the logits (no chunks); packed input is its padded call."""
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, labels)
+        hidden, labels, old_logp, advantages, mask = (p.pad(hidden), p.pad(labels, -100), p.pad(old_logp),
+                                                      p.pad(advantages), p.pad(mask))
+        args = (*args[:1], p.pad(args[1]), *args[2:])  # ref_logp
+    return ref.linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *args)
 
 
 register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)

@@ -63,24 +63,6 @@ def kl(logp, ref_logp, estimator="k3", clamp=None):
     return out
 
 
-# ----------------------------------------------------------------------------- packed sequences
-def unpack(x, cu_seqlens):
-    """Packed [N, ...] (sequence i at rows cu[i]:cu[i+1]) -> padded [S, max length, ...], zeros after each end."""
-    cu = cu_seqlens.tolist()
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    out = x.new_zeros((len(lens), max(lens, default=0), *x.shape[1:]))
-    for i, (a, n) in enumerate(zip(cu, lens)):
-        out[i, :n] = x[a:a + n]
-    return out
-
-
-def pack(x, cu_seqlens):
-    """Padded [S, T, ...] -> packed [N, ...]: the inverse of unpack."""
-    cu = cu_seqlens.tolist()
-    return torch.cat([x[i, :b - a] for i, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]) if len(cu) > 1 \
-        else x.new_zeros((0, *x.shape[2:]))
-
-
 # ----------------------------------------------------------------------------- masked reductions
 def masked_sum(x, mask, dim=None):
     m = mask.to(x.dtype)
@@ -276,14 +258,10 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=No
 
 def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, kl_coef=0.0,
                     kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                    dual_clip=None, agg="token-mean", head_dtype=None, cu_seqlens=None):
+                    dual_clip=None, agg="token-mean", head_dtype=None):
     """ppo_loss_from_logits(hidden @ weight.T + bias, ...), materialising the logits [..., V].
 
     The head runs in ``head_dtype`` if given (else in the math dtype of hidden and weight)."""
-    if cu_seqlens is not None:  # the padded call on the sequences
-        hidden, labels, old_logp, advantages, ref_logp = (
-            None if x is None else unpack(x, cu_seqlens) for x in (hidden, labels, old_logp, advantages, ref_logp))
-        mask = unpack(mask, cu_seqlens)
     hd = head_dtype or (torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32)
     logits = _acc(hidden.to(hd) @ weight.to(hd).T)
     if bias is not None:
