@@ -313,8 +313,7 @@ class Packing:
             raise ValueError(f"packed per-token inputs (with cu_seqlens) must be [N], got shape {tuple(like.shape)}")
         n = like.shape[0]
         _check_cu_seqlens(cu_seqlens, n, like.device)
-        cu = cu_seqlens.long()
-        lens = cu[1:] - cu[:-1]
+        self.seq, lens = ref.seq_ids(cu_seqlens, n)
         self.S = lens.shape[0]
         if max_seqlen is None:
             self.T = int(lens.max()) if self.S else 0
@@ -322,10 +321,9 @@ class Packing:
             raise ValueError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
         else:
             self.T = max_seqlen
-            if self.S and not check._tracing(cu) and int(lens.max()) > max_seqlen:
+            if self.S and not check._tracing(lens) and int(lens.max()) > max_seqlen:
                 raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({int(lens.max())})")
-        self.seq = torch.repeat_interleave(torch.arange(self.S, device=cu.device), lens, output_size=n)
-        self.pos = torch.arange(n, device=cu.device) - cu[:-1][self.seq]
+        self.pos = torch.arange(n, device=like.device) - cu_seqlens[:-1].long()[self.seq]
 
     def pad(self, x, fill=0):
         """[N, ...] -> [S, T, ...], ``fill`` past each sequence's end (None stays None)."""
@@ -342,7 +340,8 @@ def _check_cu_seqlens(cu_seqlens, n, device):
     """cu_seqlens [S + 1] integer, non-decreasing from 0 to n (the flat token count)."""
     check.integer("cu_seqlens", cu_seqlens)
     check.ndim("cu_seqlens", cu_seqlens, 1)
-    check.same_device("cu_seqlens", cu_seqlens, tokens=torch.empty(0, device=device))
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens must be [S + 1] offsets starting at 0, got an empty tensor")
     if check._tracing(cu_seqlens):

@@ -63,6 +63,15 @@ def kl(logp, ref_logp, estimator="k3", clamp=None):
     return out
 
 
+# ----------------------------------------------------------------------------- packed sequences
+def seq_ids(cu_seqlens, n):
+    """Sequence index [n] of each token of a packed layout (sequence i at cu_seqlens[i]:cu_seqlens[i+1]),
+    and the sequence lengths [S]."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lens.shape[0], device=cu.device), lens, output_size=n), lens
+
+
 # ----------------------------------------------------------------------------- masked reductions
 def masked_sum(x, mask, dim=None):
     m = mask.to(x.dtype)

@@ -124,6 +124,29 @@ def test_advantage_gradient_and_single_backward(backend):
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_no_grad_skips_the_gradient_gemms(backend):
+    hidden, weight, bias, labels, old, adv, mask, ref_logp = _inputs(2, 5, 8, 30, torch.float32)
+    h = hidden.clone().requires_grad_()
+    calls = []
+    with torch.no_grad(), _CountMM(calls):
+        loss, st = rf.linear_ppo_loss(h, weight.requires_grad_(), labels, old, adv, mask, chunk_size=4, backend=backend)
+    want, _ = ref.linear_ppo_loss(hidden, weight.detach(), labels, old, adv, mask)
+    assert_rel(loss, want, 2e-5, "no_grad loss")
+    assert len(calls) == 3  # one logits GEMM per chunk of 4 rows out of 10, no gradient GEMMs
+
+
+class _CountMM(TorchDispatchMode):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default, torch.ops.aten.addmm.default):
+            self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 def test_bad_inputs():
     hidden, weight, bias, labels, old, adv, mask, _ = _inputs(2, 3, 4, 10, torch.float32)
     with pytest.raises(ValueError, match="weight"):

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend, _compiled
+from .. import reference
 from . import ppo_loss_from_logits as _fl
 from .kl import acc_dtypes, estimator_code
 from .linear_logprobs import _chunk_logits, _gemm_dtype, _mm
@@ -54,7 +55,7 @@ def token_scale(mask: torch.Tensor, agg: str, dtype: torch.dtype, cu_seqlens: to
     rows of a [B, T] mask, or the sequences of cu_seqlens over a flat [N] mask) and Σ mask (0 -> 1)."""
     if cu_seqlens is not None:
         m = mask.reshape(-1)
-        seq, lens = seq_ids(cu_seqlens, m.shape[0])
+        seq, lens = reference.seq_ids(cu_seqlens, m.shape[0])
         # a [S, 1] "mask" of each sequence's token count has the row sums of the padded [S, T] mask
         n_tok = torch.zeros(lens.shape[0], dtype=dtype, device=m.device).index_add_(0, seq, m.to(dtype))
         scale, tot = agg_row_scale(n_tok.unsqueeze(-1), agg, dtype)
@@ -62,13 +63,6 @@ def token_scale(mask: torch.Tensor, agg: str, dtype: torch.dtype, cu_seqlens: to
     m2d = mask.reshape(1, -1) if agg == "token-mean" or mask.dim() != 2 else mask
     scale, tot = agg_row_scale(m2d, agg, dtype)
     return scale.repeat_interleave(m2d.shape[1]), tot
-
-
-def seq_ids(cu_seqlens: torch.Tensor, n: int):
-    """Sequence index of each of the n tokens of a packed layout, and the sequence lengths [S]."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    return torch.repeat_interleave(torch.arange(lens.shape[0], device=cu.device), lens, output_size=n), lens
 
 
 class _Config(NamedTuple):
@@ -141,15 +135,15 @@ def _cpu_pass(x, lab, old, adv, m, scale, ref, c: _Config):
 class LinearPPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, agg, cu_seqlens,
-                head_dtype, fused, chunk_rows):
+                head_dtype, fused, chunk_rows, grad_enabled):
         fp64 = torch.float64 in (hidden.dtype, weight.dtype, head_dtype)
-        acc = torch.float64 if fp64 else torch.float32
-        dt = acc_dtypes(old_logp, advantages, ref_logp)[0]
-        dt = torch.float64 if fp64 else dt
+        acc = torch.float64 if fp64 else torch.float32  # of the logits
+        dt = torch.float64 if fp64 else acc_dtypes(old_logp, advantages, ref_logp)[0]  # of the per-token math
         N, V = hidden.shape[0], weight.shape[0]
         C = chunk_rows or default_chunk_rows(N, V, acc)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_tok = [ctx.needs_input_grad[i] for i in (4, 5, 7)]
+        # the gradients cost two of the three GEMMs: none under no_grad
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        need_tok = [grad_enabled and ctx.needs_input_grad[i] for i in (4, 5, 7)]
         scale, tot = token_scale(mask, agg, dt, cu_seqlens)
         old, adv = old_logp.reshape(-1).to(dt), advantages.reshape(-1).to(dt)
         ref = ref_logp.reshape(-1).to(dt) if ref_logp is not None else old
@@ -214,7 +208,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         for c, (i, meta) in enumerate(zip((4, 5, 7), ctx.tok_meta)):
             if ctx.needs_input_grad[i] and meta is not None and d_tok is not None:
                 tok[c] = (G * d_tok[:, c]).view(meta[0]).to(meta[1])
-        return (*grads, None, tok[0], tok[1], None, tok[2], *([None] * 6))
+        return (*grads, None, tok[0], tok[1], None, tok[2], *([None] * 7))
 
 
 def _implementation(fused, backend: str):
@@ -229,7 +223,7 @@ def _implementation(fused, backend: str):
                       kl_estimator, float(entropy_coef), has_ref)
         loss, pg_loss, clipfrac, approx_kl, dual_frac, ent, k = LinearPPOLossFunction.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg,
-            agg, cu_seqlens, head_dtype, fused, chunk_size)
+            agg, cu_seqlens, head_dtype, fused, chunk_size, torch.is_grad_enabled())
         stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "dual_clipfrac": dual_frac, "pg_loss": pg_loss,
                  "entropy": ent}
         if has_ref:
