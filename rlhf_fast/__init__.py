@@ -18,6 +18,7 @@ from .functional import (
     kl,
     kl_penalized_rewards,
     linear_logprobs,
+    linear_ppo_loss,
     logprobs,
     masked_mean,
     masked_whiten,
@@ -41,8 +42,8 @@ def available_backends() -> dict[str, str]:
 
 __all__ = [
     "AGG_MODES", "BACKENDS", "aggregate", "available_backends", "backends_for", "checks", "use_backend", "gae",
-    "grpo_advantages", "kl",
-    "kl_penalized_rewards", "linear_logprobs", "logprobs", "masked_mean", "masked_whiten",
+    "grpo_advantages", "kl", "kl_penalized_rewards", "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_mean",
+    "masked_whiten",
     "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
     "reinforce_pp_returns", "rloo_advantages",
 ]

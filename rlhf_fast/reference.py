@@ -95,6 +95,15 @@ def kl(logp, ref_logp, estimator="k3", clamp=None):
     return out
 
 
+# ----------------------------------------------------------------------------- packed sequences
+def seq_ids(cu_seqlens, n):
+    """Sequence index [n] of each token of a packed layout (sequence i at cu_seqlens[i]:cu_seqlens[i+1]),
+    and the sequence lengths [S]."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lens.shape[0], device=cu.device), lens, output_size=n), lens
+
+
 # ----------------------------------------------------------------------------- masked reductions
 def masked_sum(x, mask, dim=None):
     m = mask.to(x.dtype)
@@ -350,3 +359,17 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=No
 def importance_ratio(logp, old_logp):
     """exp(logp - old_logp): the per-token importance ratio (TRL's KL bias correction multiplies by it)."""
     return torch.exp(_acc(logp) - _acc(old_logp))
+
+
+def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, kl_coef=0.0,
+                    kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                    dual_clip=None, agg="token-mean", head_dtype=None):
+    """ppo_loss_from_logits(hidden @ weight.T + bias, ...), materialising the logits [..., V].
+
+    The head runs in ``head_dtype`` if given (else in the math dtype of hidden and weight)."""
+    hd = head_dtype or (torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32)
+    logits = _acc(hidden.to(hd) @ weight.to(hd).T)
+    if bias is not None:
+        logits = logits + _acc(bias)
+    return ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+                                entropy_coef, temperature, clip_low, clip_high, dual_clip, agg)

@@ -98,6 +98,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     entropy_coef: float = 0.0
+    loss_impl: str = "linear"      # policy loss: "linear" (rf.linear_ppo_loss on hidden states, packed) | "logits"
     ptx_coef: float = 0.5          # γ of PPO-ptx: loss -= ptx_coef · mean log π(x_pretrain)
     ptx_batch_size: int = 16
     kl_coef: float = 0.1           # initial β

@@ -59,10 +59,22 @@ class HFModel(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx, pad_mask=None, cache=None):
+    def output_head(self):
+        """(weight [V, C], bias [V] or None) of the lm head: logits = forward(..., return_hidden=True) @ weight.T."""
+        c = self.hf.config
+        if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None) not in (None, 1, 1.0):
+            raise ValueError(f"{self.hf_path}: the model transforms its logits (softcap / scale); "
+                             "use ppo.loss_impl=logits")
+        head = self.hf.get_output_embeddings()
+        return head.weight, head.bias
+
+    def forward(self, idx, pad_mask=None, cache=None, return_hidden=False):
         if pad_mask is None:
             pad_mask = torch.ones_like(idx)
         pos = (pad_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if return_hidden:  # the lm head's input (after the final norm), without computing the logits
+            return self.hf.base_model(input_ids=idx, attention_mask=pad_mask.long(), position_ids=pos,
+                                      use_cache=False).last_hidden_state
         out = self.hf(input_ids=idx, attention_mask=pad_mask.long(), position_ids=pos,
                       output_hidden_states=self.head_kind == "value", use_cache=False)
         if self.head_kind == "lm":

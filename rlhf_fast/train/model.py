@@ -152,8 +152,14 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx [B, T] -> logits [B, T, V] (lm head) or values [B, T] (value head), in fp32."""
+    def output_head(self):
+        """(weight [V, C], bias [V] or None) of the head: logits = forward(..., return_hidden=True) @ weight.T."""
+        return self.head.weight, self.head.bias
+
+    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False):
+        """idx [B, T] -> logits [B, T, V] (lm head) or values [B, T] (value head), in fp32; with
+        return_hidden, the head's input [B, T, C] instead (for rf.linear_* ops: no [B, T, V] logits)."""
         B, T = idx.shape
         if cache is None and T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
@@ -182,7 +188,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
             cache.pos += pad_mask.long().sum(-1)
-        out = self.head(self.norm(x)).float()
+        h = self.norm(x)
+        if return_hidden:
+            return h
+        out = self.head(h).float()
         return out if self.head_kind == "lm" else out.squeeze(-1)
 
 
