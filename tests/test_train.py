@@ -66,11 +66,11 @@ def _jsonl(tmp_path, rows):
 
 @pytest.mark.parametrize("stage,rows,match", [
     ("sft", [{"prompt": "Q: a\nA:"}], r"d.jsonl:1: missing field 'response'"),
-    ("sft", [{"prompt": "Q: a\nA:", "response": "ok"}, {"prompt": "Q: b\nA:", "response": "  "}], r":2: empty 'response'"),
-    ("sft", [{"prompt": "x" * 64, "response": " y"}], r"prompt is 64 tokens, too long"),
+    ("sft", [{"prompt": "Q: a\nA:", "response": "ok"}, {"prompt": "Q: b\nA:", "response": "  "}], r":2: field 'response' is empty"),
+    ("sft", [{"prompt": "x" * 64, "response": " y"}], r"field 'prompt' is 64 tokens, too long for block_size=64"),
     ("sft", [{"prompt": "x" * 40, "response": " " + "y" * 30}], r"longer than block_size=64"),
     ("reward", [{"prompt": "p", "chosen": " a"}], r"missing field 'rejected'"),
-    ("reward", [{"prompt": "p", "chosen": " a", "rejected": ""}], r"empty 'rejected'"),
+    ("reward", [{"prompt": "p", "chosen": " a", "rejected": ""}], r"field 'rejected' is empty"),
     ("ppo", [{"answer": "Paris"}], r"missing field 'prompt'"),
     ("pretrain", [{"txt": "hello"}], r"missing field 'text'"),
     ("sft", ["{not json"], r"not valid JSON"),
@@ -89,7 +89,7 @@ def test_bad_data_from_the_cli(tmp_path, capsys):
     model = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2))
     checkpoint.save(str(init), {"model": model}, meta={"head": "lm", "model_config": vars(model.cfg)})
     assert main(["sft", "--data", path, "--out", str(tmp_path / "o"), f"init={init}", "device=cpu"]) == 1
-    assert "empty 'response'" in capsys.readouterr().err
+    assert "field 'response' is empty" in capsys.readouterr().err
     assert main(["sft", "--out", str(tmp_path / "o"), "init=nowhere.safetensors"]) == 1
     assert "run the previous stage first" in capsys.readouterr().err
     assert main(["pretrain", "nosuchkey=1"]) == 2

@@ -124,62 +124,114 @@ def builtin_prompts(split: str):
 
 STAGE_FIELDS = {"pretrain": ("text",), "sft": ("prompt", "response"), "reward": ("prompt", "chosen", "rejected"),
                 "ppo": ("prompt",)}
+OPTIONAL_FIELDS = {"ppo": ("answer",)}  # optional, but a string when present
+MAX_REPORTED = 20  # bad lines listed per file; the rest are counted
+
+
+class DataError(ValueError):
+    """Bad rows in a data file: ``problems`` holds one line per problem, ``path:line: field 'x': what is
+    wrong (what to do)``; str() is all of them, one per line."""
+
+    def __init__(self, problems: list[str], n_more: int = 0):
+        self.problems = list(problems) + ([f"... and {n_more} more bad lines"] if n_more else [])
+        super().__init__("\n".join(self.problems))
+
+
+def _too_long_hint(block_size: int) -> str:
+    return (f"shorten it, or use a model with a longer context: pretrain with model.block_size={2 * block_size} "
+            "(sft/reward/ppo take the context of their init checkpoint)")
+
+
+def row_problems(row, stage: str, tok, block_size: int) -> list[str]:
+    """What is wrong with one parsed row for ``stage`` ([] when nothing): ``field 'x': ...`` strings."""
+    need = STAGE_FIELDS[stage]
+    if not isinstance(row, dict):
+        return [f"expected a JSON object with fields {', '.join(need)}, got {type(row).__name__}"]
+    out = []
+    for k in need + OPTIONAL_FIELDS.get(stage, ()):
+        if k not in row:
+            if k in need:
+                out.append(f"missing field {k!r} (a {stage} row needs {', '.join(need)})")
+        elif not isinstance(row[k], str):
+            out.append(f"field {k!r} must be a string, got {type(row[k]).__name__} {json.dumps(row[k])[:40]}")
+        elif not row[k].strip():
+            why = ("the model needs at least one prompt token to answer" if k == "prompt" else
+                   f"every {stage} row needs a non-empty {k}")
+            out.append(f"field {k!r} is empty: {why}")
+    if out:
+        return out
+    lengths = {}
+    for k in need:
+        try:
+            lengths[k] = len(tok.encode(row[k]))
+        except ValueError:
+            bad = next(((i, ch) for i, ch in enumerate(row[k]) if ch not in getattr(tok, "stoi", {ch: 0})), (0, "?"))
+            out.append(f"field {k!r}: character {bad[1]!r} (U+{ord(bad[1]):04X}, position {bad[0] + 1}) is not in the "
+                       "tokenizer's alphabet (newline and printable ASCII): replace it, or start from an "
+                       "init=hf:PATH model whose tokenizer has it")
+    if out or stage == "pretrain":
+        return out
+    plen = lengths["prompt"]
+    if plen >= block_size:
+        return [f"field 'prompt' is {plen} tokens, too long for block_size={block_size} (the context must also hold "
+                f"at least one response token): {_too_long_hint(block_size)}"]
+    for k in need[1:]:
+        total = plen + lengths[k] + 1  # + EOS
+        if total > block_size:
+            out.append(f"field {k!r}: prompt + {k} + EOS is {total} tokens, longer than block_size={block_size}: "
+                       f"{_too_long_hint(block_size)}")
+    if stage == "reward" and not out and row["chosen"] == row["rejected"]:
+        out.append("fields 'chosen' and 'rejected' are the same text: the pair teaches no preference")
+    return out
 
 
 def load_jsonl(path: str, stage: str, tok: CharTokenizer, block_size: int) -> list[dict]:
-    """Rows of ``path`` checked for ``stage``: required fields, non-empty responses, lengths that fit."""
-    need = STAGE_FIELDS[stage]
+    """Rows of ``path`` checked for ``stage``: required fields, types, non-empty text, the tokenizer's
+    alphabet, lengths that fit ``block_size``. Raises DataError listing every bad line (up to MAX_REPORTED)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    rows = []
-    with open(path) as f:
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a folder; expected a JSONL file")
+    rows, problems, n_bad = [], [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
+                found = row_problems(row, stage, tok, block_size)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with fields {', '.join(need)}")
-            for k in need:
-                if k not in row:
-                    raise ValueError(f"{where}: missing field {k!r} (a {stage} row needs {', '.join(need)})")
-                if not isinstance(row[k], str):
-                    raise ValueError(f"{where}: field {k!r} must be a string, got {type(row[k]).__name__}")
-            for k in need[1:] if stage != "ppo" else ():
-                if not row[k].strip():
-                    raise ValueError(f"{where}: empty {k!r}: every {stage} row needs a non-empty {k}")
-            if stage == "pretrain":
-                if not row["text"]:
-                    raise ValueError(f"{where}: empty 'text'")
-                tok.encode(row["text"])
+                found = [f"not valid JSON ({e.msg} at column {e.colno})"]
+            if found:
+                n_bad += 1
+                if n_bad <= MAX_REPORTED:
+                    problems += [f"{path}:{n}: {p}" for p in found]
             else:
-                check_lengths(row, need, tok, block_size, where)
-            rows.append(row)
+                rows.append(row)
+    if problems:
+        raise DataError(problems, n_more=max(0, n_bad - MAX_REPORTED))
     if not rows:
-        raise ValueError(f"data file {path} has no rows")
+        raise DataError([f"{path}: no rows (expected one JSON object per line with fields {', '.join(STAGE_FIELDS[stage])})"])
     return rows
 
 
-def check_lengths(row: dict, fields, tok: CharTokenizer, block_size: int, where: str = "row"):
-    plen = len(tok.encode(row["prompt"]))
-    if plen >= block_size:
-        raise ValueError(f"{where}: prompt is {plen} tokens, too long for the context (block_size={block_size}, "
-                         "which must leave room for at least one response token)")
-    for k in fields[1:]:
-        total = plen + len(tok.encode(row[k])) + 1  # + EOS
-        if total > block_size:
-            raise ValueError(f"{where}: prompt + {k} + EOS is {total} tokens, longer than block_size={block_size}")
-
-
-def split_rows(rows: list, eval_frac: float, seed: int):
-    """A seeded (train, eval) split of user rows; eval gets at least one row when there are two or more."""
+def split_rows(rows: list, eval_frac: float, seed: int, path: str = "the data file"):
+    """A seeded (train, eval) split of user rows; with eval_frac > 0 eval gets at least one row, and the
+    file must then have two or more."""
+    if not 0 <= eval_frac < 1:
+        raise ValueError(f"eval_frac={eval_frac}: expected a fraction in [0, 1)")
+    if eval_frac > 0 and len(rows) < 2:
+        raise DataError([f"{path}: {len(rows)} row, but eval_frac={eval_frac} holds rows out for evaluation: "
+                         "give two or more rows, or set eval_frac=0 to train on it without a held-out check"])
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    n_eval = min(len(rows) - 1, max(1 if len(rows) > 1 else 0, round(eval_frac * len(rows))))
+    n_eval = 0 if eval_frac == 0 else min(len(rows) - 1, max(1, round(eval_frac * len(rows))))
     return rows[n_eval:], rows[:n_eval]
+
+
+def load_user_rows(path: str, stage: str, tok, block_size: int, eval_frac: float, seed: int):
+    """(train, eval) rows of a user's file for ``stage``, validated (load_jsonl) and split (split_rows)."""
+    return split_rows(load_jsonl(path, stage, tok, block_size), eval_frac, seed, path)
 
 
 # ---- tensors ---------------------------------------------------------------------------------------

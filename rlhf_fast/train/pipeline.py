@@ -9,6 +9,7 @@ import time
 
 from . import ppo, pretrain, reward, sft
 from .config import PipelineConfig, to_dict
+from .data import CharTokenizer, DataError, load_user_rows
 from .metrics import plot_curves, read_jsonl
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
@@ -50,6 +51,27 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def validate_data(cfg: PipelineConfig) -> None:
+    """Check every user data file of the pipeline with the tokenizer and context the stages will use
+    (the character tokenizer and cfg.pretrain.model.block_size); raises DataError listing all problems."""
+    tok, T = CharTokenizer(), cfg.pretrain.model.block_size
+    problems, seen = [], set()
+    for stage, path, eval_frac, seed in (("pretrain", cfg.pretrain.data, 0.0, 0),
+                                         ("sft", cfg.sft.data, cfg.sft.eval_frac, cfg.sft.seed),
+                                         ("reward", cfg.reward.data, cfg.reward.eval_frac, cfg.reward.seed),
+                                         ("ppo", cfg.ppo.data, cfg.ppo.eval_frac, cfg.ppo.seed),
+                                         ("pretrain", cfg.ppo.pretrain_data, 0.0, 0)):
+        if not path or (stage, path) in seen:
+            continue
+        seen.add((stage, path))
+        try:
+            load_user_rows(path, stage, tok, T, eval_frac, seed)
+        except DataError as e:
+            problems += e.problems
+    if problems:
+        raise DataError(problems)
+
+
 def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, stages=STAGES) -> dict:
     cfgs = {"pretrain": cfg.pretrain, "sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}
     for c in cfgs.values():
@@ -62,6 +84,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     cfg.ppo.reward_model = os.path.join(out, "reward", "model.safetensors")
     if not cfg.ppo.pretrain_data:
         cfg.ppo.pretrain_data = cfg.pretrain.data
+    validate_data(cfg)  # a bad file fails now, not after the stages before it have trained
     modules = modules_by_name()
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and prints
     results, times = {}, {}

@@ -21,7 +21,7 @@ import rlhf_fast as rf
 
 from . import checkpoint
 from .config import PPOConfig
-from .data import builtin_prompts, corpus_tokens, left_pad, load_jsonl, shard, split_rows, stream_batch
+from .data import builtin_prompts, corpus_tokens, left_pad, load_user_rows, shard, stream_batch
 from .model import generate, sequence_scores
 from .pretrain import lm_loss
 from .runtime import StageState, all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
@@ -114,7 +114,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
         m.requires_grad_(False).eval()
     T = policy.cfg.block_size
     if cfg.data:
-        train_rows, eval_rows = split_rows(load_jsonl(cfg.data, "ppo", tok, T), cfg.eval_frac, cfg.seed)
+        train_rows, eval_rows = load_user_rows(cfg.data, "ppo", tok, T, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_prompts("train"), builtin_prompts("eval")
     ptx_data = corpus_tokens(cfg.pretrain_data, tok, T, cfg.seed) if cfg.ptx_coef else None

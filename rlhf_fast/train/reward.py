@@ -14,7 +14,7 @@ import rlhf_fast as rf
 
 from . import checkpoint
 from .config import RewardConfig
-from .data import builtin_preferences, load_jsonl, pair_batch, shard, split_rows
+from .data import builtin_preferences, load_user_rows, pair_batch, shard
 from .model import sequence_scores
 from .runtime import StageState, adamw, all_mean, barrier, load_model, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
 
@@ -27,6 +27,8 @@ def pair_scores(model, rows, tok, device):
 
 @torch.no_grad()
 def pairwise_accuracy(model, rows, tok, device, batch_size: int = 256) -> float:
+    if not rows:  # eval_frac=0
+        return float("nan")
     model.eval()
     right = 0
     for i in range(0, len(rows), batch_size):
@@ -41,8 +43,7 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.init, "value", d.device)
     if cfg.data:
-        rows = load_jsonl(cfg.data, "reward", tok, model.cfg.block_size)
-        train_rows, eval_rows = split_rows(rows, cfg.eval_frac, cfg.seed)
+        train_rows, eval_rows = load_user_rows(cfg.data, "reward", tok, model.cfg.block_size, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_preferences("train", cfg.seed), builtin_preferences("eval", cfg.seed)
     new_rows = [] if cfg.data else builtin_preferences("new_countries", cfg.seed)  # a harder, extra check
