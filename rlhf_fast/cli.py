@@ -17,13 +17,15 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .train.config import STAGE_CONFIGS, keys_help  # no torch import: --help stays fast
     p = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"pipeline": "all four stages on the built-in task (or your data via <stage>.data=FILE)",
              "pretrain": "stage 1: next-token pretraining", "sft": "stage 2: supervised fine-tuning",
              "reward": "stage 3: reward model on preference pairs", "ppo": "stage 4: PPO-ptx against the reward model"}
     for name, h in helps.items():
-        s = sub.add_parser(name, help=h, description=h)
+        s = sub.add_parser(name, help=h, description=h, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"config keys (key=value overrides; type = default):\n{keys_help(STAGE_CONFIGS[name])}")
         s.add_argument("--config", help="a .json or .toml file of config values")
         if name != "pipeline":
             s.add_argument("--data", help="JSONL data for this stage (see rlhf_fast/train/data.py for the fields)")

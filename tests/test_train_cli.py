@@ -137,3 +137,41 @@ def test_no_traceback_from_the_installed_command(tmp_path):
         f"rlhf-fast sft: init checkpoint {tmp_path}/missing.safetensors does not exist; run the previous stage "
         "first (e.g. `rlhf-fast pretrain`) or set init=PATH"]
     assert not os.path.exists(tmp_path / "o")
+
+
+def _keys(cls, prefix=""):
+    """Every settable key of a config dataclass with its type and default, walked here independently."""
+    import dataclasses
+    for f in dataclasses.fields(cls):
+        value = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _keys(type(value), prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f.type, value
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo", "pipeline"])
+def test_stage_help_lists_every_config_key(capsys, stage):
+    import re
+
+    from rlhf_fast.train.config import STAGE_CONFIGS, load_config
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.split("config keys")[1].splitlines()
+    keys = list(_keys(STAGE_CONFIGS[stage]))
+    assert len(keys) == len(lines) - 1 and len(keys) >= 14
+    for key, typ, default in keys:
+        shown = json.dumps(default)
+        hit = [ln for ln in lines if re.match(rf"\s+{re.escape(key)}\s+{typ} = {re.escape(shown)}\s+\S", ln)]
+        assert len(hit) == 1, f"{key} ({typ} = {shown}) is not listed with a one-line meaning; give it opt(default, help)"
+        # and what is shown is what a key=value override of that text parses to
+        text_value = shown.strip('"') if typ == "str" else shown
+        assert getattr_path(load_config(STAGE_CONFIGS[stage], overrides=[f"{key}={text_value}"]), key) == default
+
+
+def getattr_path(obj, key):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -36,13 +36,17 @@ def summary_table(results: dict) -> str:
         r = results["reward"]
         rows.append(("reward", "held-out pairwise accuracy", r["eval_acc_before"], r["eval_acc_after"]))
         if r.get("new_countries_acc") is not None:
-            rows.append(("reward", "pairwise accuracy, held-out countries", None, r["new_countries_acc"]))
+            rows.append(("reward", "held-out countries: answer vs question back", None, r["new_countries_acc"]))
+        if r.get("new_countries_wrong_acc") is not None:
+            rows.append(("reward", "held-out countries: right vs wrong capital", None, r["new_countries_wrong_acc"]))
     if "ppo" in results:
         b, a = results["ppo"]["before"], results["ppo"]["after"]
         for split, name in (("train", "train prompts"), ("eval", "held-out prompts")):
             if b.get(split):
                 rows.append(("ppo", f"{name}: accuracy (sampled)", b[split]["acc_sampled"], a[split]["acc_sampled"]))
                 rows.append(("ppo", f"{name}: accuracy (greedy)", b[split]["acc_greedy"], a[split]["acc_greedy"]))
+                rows.append(("ppo", f"{name}: answers that ask back", b[split].get("asks_back"),
+                             a[split].get("asks_back")))
                 rows.append(("ppo", f"{name}: mean RM score", b[split]["score"], a[split]["score"]))
                 rows.append(("ppo", f"{name}: KL to SFT (nats/seq)", b[split]["kl"], a[split]["kl"]))
     w = max(len(r[1]) for r in rows) if rows else 10
@@ -77,6 +81,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     for c in cfgs.values():
         if cfg.device != "auto":
             c.device = cfg.device
+        c.seed += cfg.seed
     # chain the stages through <out>/<stage>/model.safetensors
     cfg.sft.init = os.path.join(out, "pretrain", "model.safetensors")
     cfg.reward.init = os.path.join(out, "sft", "model.safetensors")
