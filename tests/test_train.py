@@ -124,6 +124,10 @@ def test_padding_and_kv_cache_match_the_plain_forward():
             nxt = m(torch.tensor([x]))[0, -1].argmax().item()
             assert resp[i, t].item() == nxt
             x.append(nxt)
+    for temperature in (0.0, 1.0):  # and == generate's recomputing path, greedy and seeded sampling
+        runs = [generate(m, ids_l, mask_l, 10, 40, 0, temperature, torch.Generator().manual_seed(1), kv_cache=kv)
+                for kv in (True, False)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_value_head_and_shapes():
