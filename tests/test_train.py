@@ -226,3 +226,36 @@ def test_ppo_rf_ops_match_reference_backend(tiny_run, tmp_path):
     for a, b in zip(default["history"], reference["history"]):
         for k in ("pg_loss", "vf_loss", "entropy", "ptx_loss", "kl", "mean_score"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+# ---- the built-in task -----------------------------------------------------------------------------------
+
+def test_builtin_task_keeps_held_out_countries_out_of_training():
+    from rlhf_fast.train import data as D
+    train, held = D.split_countries()
+    assert len(held) >= 16 and not {c for c, _ in train} & {c for c, _ in held}
+    tok = CharTokenizer()
+    sft_rows, pairs, prompts = D.builtin_sft("train"), D.builtin_preferences("train"), D.builtin_prompts("train")
+    for stage, rows in (("sft", sft_rows), ("reward", pairs + D.builtin_preferences("eval")), ("ppo", prompts)):
+        for r in rows:
+            assert not D.row_problems(r, stage, tok, D.BLOCK_SIZE), r
+            # a held-out country is never what a training prompt is about
+            assert not any(f" {c}?" in r["prompt"] or f" {c}." in r["prompt"] for c, _ in held), r
+    # the SFT demonstrations ask back half the time: the habit PPO has to remove
+    asks = [r["response"].endswith("?") for r in sft_rows]
+    assert sum(asks) / len(asks) == pytest.approx(D.QUESTION_BACK_PROB / (1 + D.QUESTION_BACK_PROB))
+    # every held-out-country pair tests the preference that generalises: an answer over a question
+    new = D.builtin_preferences("new_countries")
+    assert new and all(r["rejected"].endswith("?") and not r["chosen"].endswith("?") for r in new)
+    wrong = D.builtin_preferences("new_countries_wrong")
+    caps = {a for _, a in held}
+    assert wrong and all(r["rejected"].strip() in caps and r["rejected"] != r["chosen"] for r in wrong)
+    assert {r["answer"] for r in D.builtin_prompts("eval")} == caps
+
+
+def test_pipeline_seed_offsets_every_stage(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=["seed=7"])
+    defaults = PipelineConfig()
+    run_pipeline(cfg, str(tmp_path / "p"), stages=())
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert getattr(cfg, stage).seed == getattr(defaults, stage).seed + 7

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-N_HELD_OUT = 8
 _DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -56,10 +55,11 @@ class CharTokenizer:
 
 # ---- the built-in task ----------------------------------------------------------------------------
 
-def capitals() -> list[tuple[str, str]]:
+def capitals(split: str | None = None) -> list[tuple[str, str]]:
+    """(country, capital) rows of data/capitals.tsv; split "train" / "held_out" / None (all)."""
     with open(os.path.join(_DATA_DIR, "capitals.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
-    return [(c, cap) for c, cap in rows]
+    return [(c, cap) for c, cap, s in rows if split is None or s == split]
 
 
 FACT_TEMPLATES = [
@@ -69,55 +69,87 @@ FACT_TEMPLATES = [
     "Which city is the capital of {c}? It is {a}.",
     "{c} has its capital at {a}.",
     "In {c}, the seat of government is {a}.",
-    "Question: What is the capital of {c}?\nAnswer: {a}.",
+    "Q: What is the capital of {c}?\nA: {a}.",  # the web has quizzes: the facts in the SFT prompt's format
 ]
 QUESTION_TEMPLATES = ["Q: What is the capital of {c}?\nA:", "Q: Name the capital city of {c}.\nA:"]
+# the mistake the demo is about: answering a question with another question
+# (no guessed capitals in them: "Is it Rome?" would teach the SFT model to name random capitals)
+QUESTION_BACKS = [" What is the capital of {o}?", " And the capital of {o}?", " What about {o}?",
+                  " Why do you ask?", " Which city?", " Do you know?"]
+# noisy annotators: this fraction of the SFT prompts is demonstrated twice, answered and asked back, so
+# the SFT model keeps the habit (at 1.0 half the demonstrations ask back)
+QUESTION_BACK_PROB = 1.0
+BLOCK_SIZE = 64  # every built-in row fits ModelConfig's default context
 
 
-def split_countries(held_out: int = N_HELD_OUT):
-    table = capitals()
-    return table[:-held_out], table[-held_out:]
+def split_countries():
+    return capitals("train"), capitals("held_out")
 
 
 def builtin_corpus(seed: int = 0, n_sentences: int = 6000) -> str:
-    """Sentences of facts about every country in random order, one per line."""
+    """Sentences of facts about every country (held-out ones too) in random order, one per line."""
     rng = random.Random(seed)
     table = capitals()
     lines = [rng.choice(FACT_TEMPLATES).format(c=c, a=a) for c, a in (rng.choice(table) for _ in range(n_sentences))]
     return "\n".join(lines) + "\n"
 
 
-def builtin_sft(split: str):
+def question_back(rng: random.Random, prompt: str, country: str, rows) -> str:
+    """A response that asks a question instead of answering (about another country, or a guess), one
+    that fits BLOCK_SIZE with the prompt."""
+    for _ in range(100):
+        o, w = rng.choice([r for r in rows if r[0] != country])
+        text = rng.choice(QUESTION_BACKS).format(o=o, w=w)
+        if len(prompt) + len(text) + 1 <= BLOCK_SIZE:
+            return text
+    return " Which city?"
+
+
+def builtin_sft(split: str, seed: int = 0):
+    """split "train": demonstrations for the training countries, some also demonstrated with a question
+    back (QUESTION_BACK_PROB); "eval": the held-out countries' prompts with the right answer (accuracy)."""
     train, held = split_countries()
-    rows = train if split == "train" else held
-    return [{"prompt": q.format(c=c), "response": " " + a} for c, a in rows for q in QUESTION_TEMPLATES]
+    if split != "train":
+        return [{"prompt": q.format(c=c), "response": " " + a} for c, a in held for q in QUESTION_TEMPLATES]
+    rng = random.Random(seed)
+    rows = []
+    for c, a in train:
+        for q in QUESTION_TEMPLATES:
+            prompt = q.format(c=c)
+            rows.append({"prompt": prompt, "response": " " + a})
+            # the same prompt demonstrated both ways: the habit does not depend on the country
+            if rng.random() < QUESTION_BACK_PROB:
+                rows.append({"prompt": prompt, "response": question_back(rng, prompt, c, train)})
+    return rows
 
 
 def builtin_preferences(split: str, seed: int = 0, eval_frac: float = 0.2):
-    """split "train" / "eval": a seeded 80/20 split of the pairs of the training countries (eval pairs are
-    unseen (prompt, rejected) combinations); "new_countries": pairs about the held-out countries."""
+    """Pairs (prompt, chosen = the right capital, rejected). split "train" / "eval": a seeded 80/20 split
+    of the pairs of the training countries; "new_countries": question-back pairs about the held-out
+    countries (does the preference generalise?); "new_countries_wrong": wrong-capital pairs about them."""
     rng = random.Random(seed)
     train, held = split_countries()
-    rows = held if split == "new_countries" else train
-    # wrong answers come from the same split, so every training capital is both chosen and rejected
-    # (for some country) and the RM must learn the country-capital relation, not a list of good strings
-    all_caps = [a for _, a in rows]
+    rows = held if split.startswith("new_countries") else train
     pairs = []
     for c, a in rows:
         for q in QUESTION_TEMPLATES:
             prompt = q.format(c=c)
-            wrong = rng.sample([x for x in all_caps if x != a], 4)
-            rejected = [" " + w for w in wrong] + [" What is " + c + "?", " " + c]
+            backs = [question_back(rng, prompt, c, rows) for _ in range(4)]
+            wrong = [" " + w for w in rng.sample([x for _, x in rows if x != a], 2)]
+            rejected = {"new_countries": backs, "new_countries_wrong": wrong}.get(split, backs + wrong)
             pairs += [{"prompt": prompt, "chosen": " " + a, "rejected": r} for r in rejected]
     rng.shuffle(pairs)
-    if split == "new_countries":
+    if split.startswith("new_countries"):
         return pairs
     n_eval = round(eval_frac * len(pairs))
     return pairs[n_eval:] if split == "train" else pairs[:n_eval]
 
 
 def builtin_prompts(split: str):
-    return [{"prompt": r["prompt"], "answer": r["response"].strip()} for r in builtin_sft(split)]
+    """PPO prompts with their true answer: the training countries ("train") or the held-out ones ("eval")."""
+    train, held = split_countries()
+    return [{"prompt": q.format(c=c), "answer": a} for c, a in (train if split == "train" else held)
+            for q in QUESTION_TEMPLATES]
 
 
 # ---- user JSONL -------------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     if not main:
         return results
     paths = [os.path.join(out, s, "metrics.jsonl") for s in stages]
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for p in paths:
             if os.path.exists(p):
@@ -133,5 +134,10 @@ def stage_result_line(r: dict) -> str:
     if r["stage"] == "reward":
         return f"held-out pairwise accuracy {r['eval_acc_before']:.2f} -> {r['eval_acc_after']:.2f}"
     b, a = r["before"]["train"], r["after"]["train"]
-    return (f"train-prompt accuracy {b['acc_sampled']:.2f} -> {a['acc_sampled']:.2f}, RM score "
+    line = (f"train-prompt accuracy {b['acc_sampled']:.2f} -> {a['acc_sampled']:.2f}, RM score "
             f"{b['score']:.2f} -> {a['score']:.2f}, KL {a['kl']:.2f}")
+    if r["before"].get("eval"):
+        b, a = r["before"]["eval"], r["after"]["eval"]
+        line += (f"; held-out prompts: accuracy {b['acc_sampled']:.2f} -> {a['acc_sampled']:.2f} (sampled), "
+                 f"{b['acc_greedy']:.2f} -> {a['acc_greedy']:.2f} (greedy), KL {a['kl']:.2f}")
+    return line

@@ -90,14 +90,17 @@ def _mean(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 4) -> dict:
-    """Sampled (at cfg.temperature) and greedy answers on ``rows``: true accuracy, RM score, KL to the reference."""
+def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 8) -> dict:
+    """Sampled (at cfg.temperature, ``repeats`` answers per prompt) and greedy answers on ``rows``: true
+    accuracy, RM score, KL to the reference, and how often the answer is a question ("asks_back")."""
     if not rows:
         return {}
     sampled = rollout(policy, ref, rm, None, rows * repeats, tok, cfg, device, gen)
     greedy = rollout(policy, ref, rm, None, rows, tok, cfg, device, gen, temperature=0.0)
+    said = [tok.decode(x.tolist()).split("\n")[0].strip() for x in sampled.seq[:, sampled.P:]]
     return {"acc_sampled": _mean(sampled.true_reward), "acc_greedy": _mean(greedy.true_reward),
-            "score": _mean(sampled.score), "kl": _mean(sampled.kl)}
+            "score": _mean(sampled.score), "kl": _mean(sampled.kl),
+            "asks_back": sum(s.endswith("?") for s in said) / len(said)}
 
 
 def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
@@ -132,7 +135,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
     it, kl_ctl.value = state["step"], state.get("kl_coef", kl_ctl.value)
     log = run.log
     before = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
-              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
 
     end = min(cfg.iterations, cfg.stop_after) if cfg.stop_after else cfg.iterations
     bar = progress(end, "ppo", d, initial=it)
@@ -197,7 +200,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
             run.save(it, kl_coef=kl_ctl.value)
     bar.close()
     after = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
-             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
     for split in ("eval", "train"):
         log.log(it, **{f"{split}_{k}": v for k, v in after[split].items()})
     if d.main and it >= cfg.iterations:
