@@ -1,13 +1,18 @@
-"""Tokenizer, the built-in capitals task, JSONL loaders and batching.
+"""Tokenizer, the built-in capitals task, JSONL loaders (with their checks) and batching.
 
-Built-in task (nothing is downloaded): a table of countries and capitals (data/capitals.tsv).
-  pretraining corpus  sentences stating every fact in several phrasings ("The capital of France is Paris.")
-  SFT                 prompt "Q: What is the capital of France?\\nA:" -> response " Paris"
-  preferences         chosen = the right capital, rejected = a wrong capital or a question back
-                      (held out: 20% of the pairs; pairs about the held-out countries are reported too)
-  PPO prompts         the SFT prompts; the true reward is 1 when the answer is the right capital
-The last ``N_HELD_OUT`` countries never appear in SFT / RM / PPO training (only in the pretraining
-facts): held-out accuracy measures what the stages teach beyond memorised question-answer pairs.
+Built-in task (nothing is downloaded): countries and capitals (data/capitals.tsv), split into training
+and held-out countries. Every fact, held-out ones too, is in the pretraining corpus; the held-out
+countries appear in no SFT demonstration, preference pair or PPO training prompt.
+  pretraining corpus  sentences stating every fact in several phrasings ("The capital of France is Paris.",
+                      "Q: What is the capital of France?\nA: Paris.")
+  SFT                 prompt "Q: What is the capital of France?\nA:" -> " Paris"; noisy annotators also
+                      demonstrate a question back (" What is the capital of Italy?"), so the SFT model
+                      often answers a question with a question: the habit RLHF has to remove
+  preferences         chosen = the right capital, rejected = a question back or a wrong capital; checked
+                      on held-out pairs and on pairs about the held-out countries (answer vs question
+                      back: a preference that generalises; right vs wrong capital: one that does not)
+  PPO prompts         the training countries' questions; held-out accuracy (the true reward: the answer
+                      is the right capital) is measured on the held-out countries' questions
 
 User data, one JSON object per line:
   pretrain {"text"}   sft {"prompt", "response"}   reward {"prompt", "chosen", "rejected"}
