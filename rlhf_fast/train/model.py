@@ -209,8 +209,10 @@ def sequence_scores(model: Transformer, idx, pad_mask) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-             eos_id: int, pad_id: int, temperature: float = 1.0, generator: torch.Generator | None = None):
-    """Sample continuations of left-padded prompts [B, P] with the KV cache.
+             eos_id: int, pad_id: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+             kv_cache: bool = True):
+    """Sample continuations of left-padded prompts [B, P] with the model's KV cache (KVCache, or the
+    model's own via ``model.new_cache``; kv_cache=False recomputes the whole prefix each step instead).
 
     temperature=0 is greedy. Returns response tokens [B, R] and their mask [B, R] (1 up to and including
     EOS, then 0 with pad_id tokens), R <= max_new_tokens.
@@ -219,10 +221,11 @@ def generate(model: Transformer, prompt: torch.Tensor, prompt_mask: torch.Tensor
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - P)
     if max_new_tokens < 1:
         raise ValueError(f"prompts of {P} tokens leave no room to generate in block_size={model.cfg.block_size}")
-    if getattr(model, "uses_kv_cache", True):
-        cache = KVCache.empty(model.cfg, B, P + max_new_tokens, prompt.device, next(model.parameters()).dtype)
+    if kv_cache:
+        new_cache = getattr(model, "new_cache", lambda *a: KVCache.empty(model.cfg, *a))
+        cache = new_cache(B, P + max_new_tokens, prompt.device, next(model.parameters()).dtype)
         step = lambda tok, alive: model(tok[:, None], alive[:, None], cache)[:, -1]  # noqa: E731
-    else:  # a model without our cache (hf.HFModel): recompute the whole prefix each step
+    else:  # O(T^2): the reference the cached paths are tested against
         seq, seq_mask = prompt, prompt_mask
 
         def step(tok, alive):

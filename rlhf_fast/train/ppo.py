@@ -26,7 +26,7 @@ import rlhf_fast as rf
 
 from . import checkpoint
 from .config import PPOConfig
-from .data import builtin_prompts, corpus_tokens, left_pad, load_jsonl, shard, split_rows, stream_batch
+from .data import builtin_prompts, corpus_tokens, left_pad, load_user_rows, shard, stream_batch
 from .model import generate, sequence_scores
 from .pretrain import lm_loss
 from .runtime import StageState, all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
@@ -132,14 +132,17 @@ def _mean(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 4) -> dict:
-    """Sampled (at cfg.temperature) and greedy answers on ``rows``: true accuracy, RM score, KL to the reference."""
+def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 8) -> dict:
+    """Sampled (at cfg.temperature, ``repeats`` answers per prompt) and greedy answers on ``rows``: true
+    accuracy, RM score, KL to the reference, and how often the answer is a question ("asks_back")."""
     if not rows:
         return {}
     sampled = rollout(policy, ref, rm, None, rows * repeats, tok, cfg, device, gen)
     greedy = rollout(policy, ref, rm, None, rows, tok, cfg, device, gen, temperature=0.0)
+    said = [tok.decode(x.tolist()).split("\n")[0].strip() for x in sampled.seq[:, sampled.P:]]
     return {"acc_sampled": _mean(sampled.true_reward), "acc_greedy": _mean(greedy.true_reward),
-            "score": _mean(sampled.score), "kl": _mean(sampled.kl)}
+            "score": _mean(sampled.score), "kl": _mean(sampled.kl),
+            "asks_back": sum(s.endswith("?") for s in said) / len(said)}
 
 
 def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
@@ -158,7 +161,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
         m.requires_grad_(False).eval()
     T = policy.cfg.block_size
     if cfg.data:
-        train_rows, eval_rows = split_rows(load_jsonl(cfg.data, "ppo", tok, T), cfg.eval_frac, cfg.seed)
+        train_rows, eval_rows = load_user_rows(cfg.data, "ppo", tok, T, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_prompts("train"), builtin_prompts("eval")
     ptx_data = corpus_tokens(cfg.pretrain_data, tok, T, cfg.seed) if cfg.ptx_coef else None
@@ -176,7 +179,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
     it, kl_ctl.value = state["step"], state.get("kl_coef", kl_ctl.value)
     log = run.log
     before = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
-              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
 
     end = min(cfg.iterations, cfg.stop_after) if cfg.stop_after else cfg.iterations
     bar = progress(end, "ppo", d, initial=it)
@@ -239,7 +242,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
             run.save(it, kl_coef=kl_ctl.value)
     bar.close()
     after = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
-             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
     for split in ("eval", "train"):
         log.log(it, **{f"{split}_{k}": v for k, v in after[split].items()})
     if d.main and it >= cfg.iterations:
