@@ -48,7 +48,11 @@ def _checkpoints(out: str, device: str, vocab_size: int = 98) -> str:
 def _peak_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # high-water mark of the process
+    try:  # this process's own high-water mark (ru_maxrss keeps the parent's across fork + exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _run(ckpts: str, out: str, device: str, iterations: int, backend: str | None, loss_impl: str = "logits",

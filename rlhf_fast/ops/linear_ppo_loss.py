@@ -129,6 +129,7 @@ def _cpu_pass(x, lab, old, adv, m, scale, ref, c: _Config):
         sums += torch.stack([st[0] * k, st[4] * k, st[5] * k, st[1] * n, st[2] * n, st[3] * n])
         g_lp[a:b], g_ent[a:b] = saved[:, 0] * k, saved[:, 1] * k
         d_tok[a:b] = saved[:, 5:8] * k
+        # one-part lse, as logprobs_bwd_ takes it (the fused op keeps m and log_s apart for |x| ~ 1e4)
         lse[a:b] = saved[:, 2] * c.inv_t + saved[:, 3]
         ent[a:b] = saved[:, 4]
     if N:
