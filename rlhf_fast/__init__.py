@@ -11,11 +11,14 @@ from . import ops  # noqa: F401  (registers the Triton backends when triton impo
 from ._backend import BACKENDS, backends_for, use_backend, why_unavailable
 from ._checks import checks
 from .functional import (
+    AGG_MODES,
+    aggregate,
     gae,
     grpo_advantages,
     kl,
     kl_penalized_rewards,
     linear_logprobs,
+    linear_ppo_loss,
     logprobs,
     masked_mean,
     masked_whiten,
@@ -38,8 +41,9 @@ def available_backends() -> dict[str, str]:
 
 
 __all__ = [
-    "BACKENDS", "available_backends", "backends_for", "checks", "use_backend", "gae", "grpo_advantages", "kl",
-    "kl_penalized_rewards", "linear_logprobs", "logprobs", "masked_mean", "masked_whiten",
+    "AGG_MODES", "BACKENDS", "aggregate", "available_backends", "backends_for", "checks", "use_backend", "gae",
+    "grpo_advantages", "kl", "kl_penalized_rewards", "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_mean",
+    "masked_whiten",
     "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
     "reinforce_pp_returns", "rloo_advantages",
 ]

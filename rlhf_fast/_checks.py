@@ -114,6 +114,14 @@ def labels_in_range(labels, V, ignore_index):
                          f"[{int(vals.min())}, {int(vals.max())}] for V={V}")
 
 
+def nonnegative(name, x):
+    """Data check (a host sync) that every element of ``x`` is >= 0."""
+    if x.numel() == 0 or _skip_data_checks(x):
+        return
+    if bool((x < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got min {float(x.min())}")
+
+
 def at_least_two(name, m):
     """Data check (a host sync) that mask ``m`` selects at least two elements."""
     if _skip_data_checks(m):

@@ -106,10 +106,8 @@ if LOADED:
     torch.library.register_autograd("rlhf_fast::gae_fwd", _gae_backward, setup_context=_gae_setup)
 
     def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-        out_dtype = values.dtype
-        math = torch.float64 if out_dtype == torch.float64 else torch.float32
-        adv, ret = ops.gae_fwd(rewards.to(math), values.to(math), mask.bool(), float(gamma), float(lam))
-        return adv.to(out_dtype), ret.to(out_dtype)
+        math = _math_dtype(rewards, values)  # outputs in the math dtype, as every op
+        return ops.gae_fwd(rewards.to(math), values.to(math), mask.bool(), float(gamma), float(lam))
 
     # ------------------------------------------------------------------ elementwise losses
     # Each forward returns d out / d input beside the output; the backward scales it by the upstream
@@ -238,7 +236,7 @@ if LOADED:
         # reference: gae with values = 0, lam = 1 (its advantages are the discounted returns)
         r = rewards.to(_math_dtype(rewards))
         adv, _ = ops.gae_fwd(r, torch.zeros_like(r), mask.bool(), float(gamma), 1.0)
-        return adv.to(rewards.dtype)
+        return adv
 
     @torch.library.register_fake("rlhf_fast::kl_penalized_rewards_fwd")
     def _(score, logp, ref_logp, mask, beta, estimator):

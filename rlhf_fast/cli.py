@@ -17,13 +17,15 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .train.config import STAGE_CONFIGS, keys_help  # no torch import: --help stays fast
     p = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"pipeline": "all four stages on the built-in task (or your data via <stage>.data=FILE)",
              "pretrain": "stage 1: next-token pretraining", "sft": "stage 2: supervised fine-tuning",
              "reward": "stage 3: reward model on preference pairs", "ppo": "stage 4: PPO-ptx against the reward model"}
     for name, h in helps.items():
-        s = sub.add_parser(name, help=h, description=h)
+        s = sub.add_parser(name, help=h, description=h, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"config keys (key=value overrides; type = default):\n{keys_help(STAGE_CONFIGS[name])}")
         s.add_argument("--config", help="a .json or .toml file of config values")
         if name != "pipeline":
             s.add_argument("--data", help="JSONL data for this stage (see rlhf_fast/train/data.py for the fields)")
@@ -33,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (default 1: the models are tiny and a shared CPU thrashes; 0 = torch's default)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
+
+
+def _error(prefix: str, e: Exception) -> None:
+    """One line per problem (a DataError holds several), no traceback."""
+    for line in str(e).splitlines() or [type(e).__name__]:
+        print(f"{prefix}: {line}", file=sys.stderr)
+
+
+def _remove_empty_folders(top: str) -> None:
+    for root, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):  # deepest first
+        try:
+            os.rmdir(root)  # fails, and keeps the folder, when anything is left in it
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(STAGE_CONFIGS[args.command], args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rlhf-fast: {e}", file=sys.stderr)
+        _error("rlhf-fast", e)
         return 2
     out = args.out or os.path.join("runs", args.command)
-    os.makedirs(out, exist_ok=True)
+    # the stages create `out` only once their inputs have been read and checked; if a run still fails
+    # on bad input, empty folders it created are removed (never a file, never a folder that was there)
+    created = not os.path.exists(out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     t0 = time.time()
     try:
@@ -67,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         res = pipeline.modules_by_name()[args.command].train(cfg, out, resume=args.resume)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"rlhf-fast {args.command}: {e}", file=sys.stderr)
+        _error(f"rlhf-fast {args.command}", e)
+        if created:
+            _remove_empty_folders(out)
         return 1
     if rank0:
         res["seconds"] = time.time() - t0
@@ -76,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(pipeline.summary_table({args.command: res}))
         print(f"metrics: {out}/metrics.jsonl" + (f", curves: {png}" if png else ""))
         import json
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=1)
     return 0

@@ -95,6 +95,15 @@ def kl(logp, ref_logp, estimator="k3", clamp=None):
     return out
 
 
+# ----------------------------------------------------------------------------- packed sequences
+def seq_ids(cu_seqlens, n):
+    """Sequence index [n] of each token of a packed layout (sequence i at cu_seqlens[i]:cu_seqlens[i+1]),
+    and the sequence lengths [S]."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lens.shape[0], device=cu.device), lens, output_size=n), lens
+
+
 # ----------------------------------------------------------------------------- masked reductions
 def masked_sum(x, mask, dim=None):
     m = mask.to(x.dtype)
@@ -119,23 +128,34 @@ def masked_whiten(x, mask, shift_mean=True):
     return out if shift_mean else out + mean
 
 
-def aggregate(loss, mask, agg="token-mean"):
-    """Reduce a per-token loss [B, T] to a scalar.
+def aggregate(loss, mask, agg="token-mean", num_tokens=None, num_seqs=None, weights=None):
+    """Reduce a per-token loss [B, T] to a scalar; ``weights`` [B, T] multiply the loss, not the counts.
 
-    token-mean           Σ loss·m / Σ m over the whole batch
-    seq-mean-token-sum   mean over sequences with any token of Σ_t loss·m
-    seq-mean-token-mean  mean over sequences with any token of (Σ_t loss·m / Σ_t m)
+    token-mean               Σ loss·m / N, N = num_tokens or Σ m (the global token count under data parallelism)
+    token-sum                Σ loss·m
+    seq-mean-token-sum       Σ_rows (Σ_t loss·m) / S, S = num_seqs or the number of rows with a token
+    seq-mean-token-sum-norm  seq-mean-token-sum / T (T = loss.shape[-1], Dr. GRPO's constant horizon)
+    seq-mean-token-mean      Σ_rows (Σ_t loss·m / Σ_t m) / S
+    A zero count gives 0.
     """
     m = mask.to(loss.dtype)
-    if agg == "token-mean":
-        return masked_mean(loss, m)
-    per_seq = (loss * m).sum(-1)
+    x = loss if weights is None else loss * _acc(weights).to(loss.dtype)
+    if agg in ("token-mean", "token-sum"):
+        num = (x * m).sum()
+        if agg == "token-sum":
+            return num
+        den = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=loss.dtype, device=loss.device)
+        return num / torch.where(den != 0, den, torch.ones_like(den))
+    per_seq = (x * m).sum(-1)
     n_tok = m.sum(-1)
     if agg == "seq-mean-token-mean":
-        per_seq = per_seq / n_tok.clamp(min=1)
-    elif agg != "seq-mean-token-sum":
+        per_seq = per_seq / torch.where(n_tok > 0, n_tok, torch.ones_like(n_tok))
+    elif agg not in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         raise ValueError(f"unknown agg {agg!r}")
-    return masked_mean(per_seq, n_tok > 0)
+    den = (n_tok > 0).to(loss.dtype).sum() if num_seqs is None else \
+        torch.as_tensor(num_seqs, dtype=loss.dtype, device=loss.device)
+    out = (per_seq * (n_tok > 0)).sum() / torch.where(den != 0, den, torch.ones_like(den))
+    return out / loss.shape[-1] if agg == "seq-mean-token-sum-norm" else out
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -146,8 +166,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     A_i = δ_i + γλ·A_{i+1}, R_i = A_i + V_i. Masked positions get A = R = 0 and do not break the
     recursion, so right padding, left padding and holes (multi-turn) are all handled.
     """
-    out_dtype = values.dtype
-    rewards, values = _acc(rewards), _acc(values)
+    math = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    rewards, values = rewards.to(math), values.to(math)
     B, T = rewards.shape
     valid = mask.bool()
     next_value = torch.zeros_like(values[:, 0])
@@ -161,7 +181,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         adv[t] = torch.where(valid[:, t], a, 0.0)
     advantages = torch.stack(adv, dim=1) if T else torch.zeros_like(values)
     returns = torch.where(valid, advantages + values, 0.0)
-    return advantages.to(out_dtype), returns.to(out_dtype)
+    return advantages, returns
 
 
 def gae_python_loop(rewards, values, gamma=1.0, lam=0.95):
@@ -184,20 +204,53 @@ def reinforce_pp_returns(rewards, mask, gamma=1.0):
     return advantages
 
 
-def grpo_advantages(scores, group_size, normalize_std=True, eps=1e-6):
-    """GRPO: (s - mean_group) / (std_group + eps) for scores [B] laid out as [B / group_size, group_size]."""
-    s = _acc(scores).reshape(-1, group_size)
-    adv = s - s.mean(-1, keepdim=True)
-    if normalize_std:
-        adv = adv / (s.std(-1, keepdim=True) + eps)
-    return adv.reshape(scores.shape)
+def _groups(scores, group_index):
+    """(ids [B] in 0..G-1, counts [G]) of an arbitrary group labelling."""
+    ids = torch.unique(group_index, return_inverse=True)[1].to(scores.device)
+    counts = torch.bincount(ids).to(scores.dtype)
+    return ids, counts
 
 
-def rloo_advantages(scores, group_size):
-    """RLOO: s_i minus the mean of the other group_size - 1 scores of its group."""
-    s = _acc(scores).reshape(-1, group_size)
-    baseline = (s.sum(-1, keepdim=True) - s) / (group_size - 1)
-    return (s - baseline).reshape(scores.shape)
+def _group_sum(x, ids, G):
+    return torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, ids, x)
+
+
+def grpo_advantages(scores, group_size, normalize_std=True, eps=1e-6, group_index=None):
+    """GRPO: (s - mean_group) / (std_group + eps), std unbiased.
+
+    Groups: consecutive blocks of ``group_size`` of scores [B], or, with ``group_index`` [B], the scores
+    sharing a label (any sizes; a group of one has no baseline: mean 0, std 1, as verl does).
+    """
+    s = _acc(scores)
+    if group_index is None:
+        g = s.reshape(-1, group_size)
+        adv = g - g.mean(-1, keepdim=True)
+        if normalize_std:
+            adv = adv / (g.std(-1, keepdim=True) + eps)
+        return adv.reshape(scores.shape)
+    ids, n = _groups(s, group_index)
+    single = (n == 1)[ids]
+    mean = (_group_sum(s, ids, n.numel()) / n)[ids]
+    y = torch.where(single, s, s - mean)
+    if not normalize_std:
+        return y
+    var = _group_sum(torch.where(single, 0.0, y * y), ids, n.numel()) / (n - 1).clamp(min=1)
+    std = torch.where(var > 0, var, torch.ones_like(var)).sqrt() * (var > 0)  # torch.std's 0 gradient at σ = 0
+    std = torch.where(n == 1, torch.ones_like(std), std)[ids]
+    return y / (std + eps)
+
+
+def rloo_advantages(scores, group_size, group_index=None):
+    """RLOO: s_i minus the mean of the other scores of its group (groups as in grpo_advantages;
+    a group of one keeps its score)."""
+    s = _acc(scores)
+    if group_index is None:
+        g = s.reshape(-1, group_size)
+        baseline = (g.sum(-1, keepdim=True) - g) / (group_size - 1)
+        return (g - baseline).reshape(scores.shape)
+    ids, n = _groups(s, group_index)
+    others = _group_sum(s, ids, n.numel())[ids] - s
+    return s - others / (n[ids] - 1).clamp(min=1)
 
 
 def kl_penalized_rewards(score, logp, ref_logp, mask, beta, estimator="k1"):
@@ -219,7 +272,7 @@ def kl_penalized_rewards(score, logp, ref_logp, mask, beta, estimator="k1"):
 
 # ----------------------------------------------------------------------------- losses
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean"):
+                    agg="token-mean", weights=None, num_tokens=None, num_seqs=None):
     """PPO clipped surrogate: per token max(-A·r, -A·clip(r, 1-clip_low, 1+clip_high)), aggregated.
 
     r = exp(clip(logp - old_logp, ±20)); dual_clip=c caps tokens with A < 0 at -A·c (min(pg, -A·c)).
@@ -239,7 +292,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=No
         cap = -advantages * dual_clip
         dual = (advantages < 0) & (pg > cap)
         pg = torch.where(advantages < 0, _min(pg, cap), pg)
-    loss = aggregate(pg, mask, agg)
+    loss = aggregate(pg, mask, agg, num_tokens, num_seqs, weights)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg2 > pg1).to(pg.dtype), mask),
@@ -249,7 +302,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=No
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"):
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean", weights=None, num_tokens=None,
+                   num_seqs=None):
     """½·max((v - R)², (old_v + clip(v - old_v, ±clip) - R)²), aggregated; clip=None: unclipped.
 
     At |v - old_v| == clip exactly the clipped value is v itself (a tie): the unclipped loss takes
@@ -268,7 +322,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"
         with torch.no_grad():  # tokens where the clip is active and its loss is the larger one
             active = (values - old_values).abs() > clip
             clipfrac = masked_mean(((l2 > l1) & active).to(values.dtype), mask)
-    return aggregate(vl, mask, agg), {"vf_clipfrac": clipfrac}
+    return aggregate(vl, mask, agg, num_tokens, num_seqs, weights), {"vf_clipfrac": clipfrac}
 
 
 def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
@@ -281,18 +335,41 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
 
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=None, kl_coef=0.0,
                          kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2,
-                         clip_high=None, dual_clip=None, agg="token-mean"):
-    """pg_loss + kl_coef·agg(kl(logp, ref)) - entropy_coef·agg(entropy), from logits [B, T, V]."""
+                         clip_high=None, dual_clip=None, agg="token-mean", weights=None, num_tokens=None,
+                         num_seqs=None):
+    """pg_loss + kl_coef·agg(kl(logp, ref)) - entropy_coef·agg(entropy), from logits [B, T, V].
+
+    ``weights`` multiply the policy term only; num_tokens / num_seqs normalise all three terms."""
     logp, entropy = logprobs(logits, labels, temperature, ignore_index=-100, return_entropy=True)
-    loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights,
+                                  num_tokens, num_seqs)
     stats["pg_loss"] = loss.detach()
-    ent = aggregate(entropy, mask, agg)
+    ent = aggregate(entropy, mask, agg, num_tokens, num_seqs)
     stats["entropy"] = ent.detach()
     if entropy_coef:
         loss = loss - entropy_coef * ent
     if ref_logp is not None:
-        k = aggregate(kl(logp, ref_logp, kl_estimator), mask, agg)
+        k = aggregate(kl(logp, ref_logp, kl_estimator), mask, agg, num_tokens, num_seqs)
         stats["kl"] = k.detach()
         if kl_coef:
             loss = loss + kl_coef * k
     return loss, stats
+
+
+def importance_ratio(logp, old_logp):
+    """exp(logp - old_logp): the per-token importance ratio (TRL's KL bias correction multiplies by it)."""
+    return torch.exp(_acc(logp) - _acc(old_logp))
+
+
+def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, kl_coef=0.0,
+                    kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                    dual_clip=None, agg="token-mean", head_dtype=None):
+    """ppo_loss_from_logits(hidden @ weight.T + bias, ...), materialising the logits [..., V].
+
+    The head runs in ``head_dtype`` if given (else in the math dtype of hidden and weight)."""
+    hd = head_dtype or (torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32)
+    logits = _acc(hidden.to(hd) @ weight.to(hd).T)
+    if bias is not None:
+        logits = logits + _acc(bias)
+    return ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+                                entropy_coef, temperature, clip_low, clip_high, dual_clip, agg)

@@ -428,7 +428,7 @@ def test_reinforce_pp_returns_against_reference(B, T, kind):
         _compare(lambda x: rf.reinforce_pp_returns(x, mask, gamma=0.99, backend=BACKEND),
                  lambda x: ref.reinforce_pp_returns(x, mask, 0.99), [r], dtype)
     out = rf.reinforce_pp_returns(r.to(DEVICE, torch.bfloat16), mask, gamma=0.99, backend=BACKEND)
-    assert out.dtype == torch.bfloat16  # as the reference (gae returns the values' dtype)
+    assert out.dtype == torch.float32  # the math dtype, as every op and the reference
 
 
 def test_advantages_under_torch_compile():

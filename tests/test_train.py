@@ -66,11 +66,11 @@ def _jsonl(tmp_path, rows):
 
 @pytest.mark.parametrize("stage,rows,match", [
     ("sft", [{"prompt": "Q: a\nA:"}], r"d.jsonl:1: missing field 'response'"),
-    ("sft", [{"prompt": "Q: a\nA:", "response": "ok"}, {"prompt": "Q: b\nA:", "response": "  "}], r":2: empty 'response'"),
-    ("sft", [{"prompt": "x" * 64, "response": " y"}], r"prompt is 64 tokens, too long"),
+    ("sft", [{"prompt": "Q: a\nA:", "response": "ok"}, {"prompt": "Q: b\nA:", "response": "  "}], r":2: field 'response' is empty"),
+    ("sft", [{"prompt": "x" * 64, "response": " y"}], r"field 'prompt' is 64 tokens, too long for block_size=64"),
     ("sft", [{"prompt": "x" * 40, "response": " " + "y" * 30}], r"longer than block_size=64"),
     ("reward", [{"prompt": "p", "chosen": " a"}], r"missing field 'rejected'"),
-    ("reward", [{"prompt": "p", "chosen": " a", "rejected": ""}], r"empty 'rejected'"),
+    ("reward", [{"prompt": "p", "chosen": " a", "rejected": ""}], r"field 'rejected' is empty"),
     ("ppo", [{"answer": "Paris"}], r"missing field 'prompt'"),
     ("pretrain", [{"txt": "hello"}], r"missing field 'text'"),
     ("sft", ["{not json"], r"not valid JSON"),
@@ -89,7 +89,7 @@ def test_bad_data_from_the_cli(tmp_path, capsys):
     model = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2))
     checkpoint.save(str(init), {"model": model}, meta={"head": "lm", "model_config": vars(model.cfg)})
     assert main(["sft", "--data", path, "--out", str(tmp_path / "o"), f"init={init}", "device=cpu"]) == 1
-    assert "empty 'response'" in capsys.readouterr().err
+    assert "field 'response' is empty" in capsys.readouterr().err
     assert main(["sft", "--out", str(tmp_path / "o"), "init=nowhere.safetensors"]) == 1
     assert "run the previous stage first" in capsys.readouterr().err
     assert main(["pretrain", "nosuchkey=1"]) == 2
@@ -124,6 +124,10 @@ def test_padding_and_kv_cache_match_the_plain_forward():
             nxt = m(torch.tensor([x]))[0, -1].argmax().item()
             assert resp[i, t].item() == nxt
             x.append(nxt)
+    for temperature in (0.0, 1.0):  # and == generate's recomputing path, greedy and seeded sampling
+        runs = [generate(m, ids_l, mask_l, 10, 40, 0, temperature, torch.Generator().manual_seed(1), kv_cache=kv)
+                for kv in (True, False)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_value_head_and_shapes():
@@ -222,3 +226,36 @@ def test_ppo_rf_ops_match_reference_backend(tiny_run, tmp_path):
     for a, b in zip(default["history"], reference["history"]):
         for k in ("pg_loss", "vf_loss", "entropy", "ptx_loss", "kl", "mean_score"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+# ---- the built-in task -----------------------------------------------------------------------------------
+
+def test_builtin_task_keeps_held_out_countries_out_of_training():
+    from rlhf_fast.train import data as D
+    train, held = D.split_countries()
+    assert len(held) >= 16 and not {c for c, _ in train} & {c for c, _ in held}
+    tok = CharTokenizer()
+    sft_rows, pairs, prompts = D.builtin_sft("train"), D.builtin_preferences("train"), D.builtin_prompts("train")
+    for stage, rows in (("sft", sft_rows), ("reward", pairs + D.builtin_preferences("eval")), ("ppo", prompts)):
+        for r in rows:
+            assert not D.row_problems(r, stage, tok, D.BLOCK_SIZE), r
+            # a held-out country is never what a training prompt is about
+            assert not any(f" {c}?" in r["prompt"] or f" {c}." in r["prompt"] for c, _ in held), r
+    # the SFT demonstrations ask back half the time: the habit PPO has to remove
+    asks = [r["response"].endswith("?") for r in sft_rows]
+    assert sum(asks) / len(asks) == pytest.approx(D.QUESTION_BACK_PROB / (1 + D.QUESTION_BACK_PROB))
+    # every held-out-country pair tests the preference that generalises: an answer over a question
+    new = D.builtin_preferences("new_countries")
+    assert new and all(r["rejected"].endswith("?") and not r["chosen"].endswith("?") for r in new)
+    wrong = D.builtin_preferences("new_countries_wrong")
+    caps = {a for _, a in held}
+    assert wrong and all(r["rejected"].strip() in caps and r["rejected"] != r["chosen"] for r in wrong)
+    assert {r["answer"] for r in D.builtin_prompts("eval")} == caps
+
+
+def test_pipeline_seed_offsets_every_stage(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=["seed=7"])
+    defaults = PipelineConfig()
+    run_pipeline(cfg, str(tmp_path / "p"), stages=())
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert getattr(cfg, stage).seed == getattr(defaults, stage).seed + 7

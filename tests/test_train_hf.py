@@ -131,6 +131,29 @@ def test_generate_matches_greedy_recomputation(hf_dirs, kind):
     assert resp.shape == rmask.shape and ((resp < tok.vocab_size) | (rmask == 0)).all()
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cached_generation_matches_recomputation(hf_dirs, kind):
+    """The HF model's own KV cache (left padding, position ids, mask extended per step) gives the tokens
+    of recomputing the whole prefix each step: greedy, and sampled with the same seed."""
+    model, tok = load_model(f"hf:{hf_dirs[kind]}", "lm", "cpu")
+    model.eval()
+    prompts = [tok.encode(s) for s in ("Q: Peru?\nA:", "Q: What is the capital of Chad?\nA:", "x", "ab")]
+    ids, mask = left_pad(prompts, tok.pad_id)
+    # a token that some rows emit early, as if it were EOS: finished rows must not disturb the others
+    eos = tok.encode("e")[0]
+    for temperature in (0.0, 1.0):
+        runs = []
+        for kv_cache in (True, False):
+            g = torch.Generator().manual_seed(3)
+            runs.append(generate(model, ids, mask, 20, eos, tok.pad_id, temperature, g, kv_cache=kv_cache))
+        (resp, rmask), (want, want_mask) = runs
+        assert torch.equal(resp, want) and torch.equal(rmask, want_mask), temperature
+        assert resp.shape[1] >= 2 and rmask.sum() >= 8
+    with pytest.raises(ValueError, match="the KV cache is for generation"):
+        value, _ = load_model(f"hf:{hf_dirs[kind]}", "value", "cpu")
+        value(ids, mask, value.new_cache(4, 20, "cpu", torch.float32))
+
+
 def _finite_losses(out_dir, key="loss"):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     vals = [r[key] for r in rows if key in r]

@@ -131,7 +131,7 @@ class GAEFunction(torch.autograd.Function):
     def forward(ctx, rewards, values, mask, gamma, lam):
         # values None: REINFORCE++ returns (values 0; only the advantages are written)
         B, T = rewards.shape
-        out_dtype = rewards.dtype if values is None else values.dtype
+        out_dtype = torch.float64 if _acc_dtype(rewards, values) == tl.float64 else torch.float32
         r = rewards.contiguous()
         v = None if values is None else values.contiguous()
         m = _bool_mask(mask)

@@ -12,113 +12,129 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def opt(default, help: str):
+    """A config field and its one-line meaning, which ``rlhf-fast <stage> --help`` lists."""
+    if isinstance(default, type):  # a nested section
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 98           # the built-in character tokenizer has 98 symbols
-    block_size: int = 64           # context length in tokens
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = opt(98, "embedding rows (the built-in character tokenizer has 98 symbols)")
+    block_size: int = opt(64, "context length in tokens (prompt + response must fit)")
+    n_layer: int = opt(2, "transformer blocks")
+    n_head: int = opt(4, "attention heads (d_model must be a multiple)")
+    d_model: int = opt(128, "hidden width")
+    rope_base: float = opt(10000.0, "RoPE base frequency")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+
+
+_INIT = "a checkpoint, or hf:/local/folder for a transformers model"
+_SEED = "seed of the data order, initialisation and sampling"
+_DEVICE = "auto (cuda when available), cpu, cuda, cuda:1, ..."
+_STOP = "end this run after this many steps (0 = run to the end); continue later with --resume"
 
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: str = ""                 # JSONL with {"text": ...}; "" = the built-in capitals corpus
-    steps: int = 500
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    save_every: int = 200
-    stop_after: int = 0            # end this run after this many steps (0 = run to `steps`); resume later
-    seed: int = 1234
-    device: str = "auto"
+    model: ModelConfig = opt(ModelConfig, "the model's shape")
+    data: str = opt("", 'JSONL with {"text"} per line; "" = the built-in capitals corpus')
+    steps: int = opt(500, "optimizer steps")
+    batch_size: int = opt(32, "windows of block_size tokens per step")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup: int = opt(30, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    eval_every: int = opt(100, "steps between held-out loss evaluations")
+    save_every: int = opt(200, "steps between resumable checkpoints")
+    stop_after: int = opt(0, _STOP)
+    seed: int = opt(1234, _SEED)
+    device: str = opt("auto", _DEVICE)
 
 
 @dataclass
 class SFTConfig:
-    init: str = "runs/pretrain/model.safetensors"  # a checkpoint, or "hf:/local/path" for a transformers model
-    data: str = ""                 # JSONL with {"prompt", "response"}; "" = built-in capital questions
-    steps: int = 50
-    batch_size: int = 32
-    lr: float = 3e-4               # gentle: a higher rate memorises the training answers and forgets the rest
-    min_lr: float = 3e-5
-    warmup: int = 5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_frac: float = 0.1         # held-out fraction of a user's file (built-in: held-out countries)
-    save_every: int = 100
-    stop_after: int = 0
-    seed: int = 1235
-    device: str = "auto"
+    init: str = opt("runs/pretrain/model.safetensors", f"starting model: {_INIT}")
+    data: str = opt("", 'JSONL with {"prompt", "response"}; "" = the built-in capital questions')
+    steps: int = opt(100, "optimizer steps")
+    batch_size: int = opt(32, "demonstrations per step")
+    lr: float = opt(3e-4, "peak learning rate (gentle: higher memorises the training answers and forgets the rest)")
+    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay")
+    warmup: int = opt(5, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    eval_frac: float = opt(0.1, "fraction of a data file held out for evaluation (0 = none; built-in: held-out countries)")
+    save_every: int = opt(100, "steps between resumable checkpoints")
+    stop_after: int = opt(0, _STOP)
+    seed: int = opt(1235, _SEED)
+    device: str = opt("auto", _DEVICE)
 
 
 @dataclass
 class RewardConfig:
-    init: str = "runs/sft/model.safetensors"       # the RM starts from the SFT model (as InstructGPT)
-    data: str = ""                 # JSONL with {"prompt", "chosen", "rejected"}
-    steps: int = 150
-    batch_size: int = 32
-    lr: float = 2e-4
-    min_lr: float = 2e-5
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    margin: float = 0.0            # Bradley-Terry margin (0 = none)
-    eval_frac: float = 0.1
-    save_every: int = 100
-    stop_after: int = 0
-    seed: int = 1236
-    device: str = "auto"
+    init: str = opt("runs/sft/model.safetensors", f"starting body, a new scalar head on it (InstructGPT: the SFT model): {_INIT}")
+    data: str = opt("", 'JSONL with {"prompt", "chosen", "rejected"}; "" = the built-in pairs')
+    steps: int = opt(150, "optimizer steps")
+    batch_size: int = opt(32, "preference pairs per step")
+    lr: float = opt(2e-4, "peak learning rate")
+    min_lr: float = opt(2e-5, "learning rate at the end of the cosine decay")
+    warmup: int = opt(10, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    margin: float = opt(0.0, "Bradley-Terry margin: loss = -log sigmoid(s_chosen - s_rejected - margin) (0 = none)")
+    eval_frac: float = opt(0.1, "fraction of a data file held out for evaluation (0 = none)")
+    save_every: int = opt(100, "steps between resumable checkpoints")
+    stop_after: int = opt(0, _STOP)
+    seed: int = opt(1236, _SEED)
+    device: str = opt("auto", _DEVICE)
 
 
 @dataclass
 class PPOConfig:
-    init: str = "runs/sft/model.safetensors"       # policy and reference
-    reward_model: str = "runs/reward/model.safetensors"  # the RM, also the critic's start
-    data: str = ""                 # JSONL with {"prompt"} (+ optional "answer" for the true reward)
-    pretrain_data: str = ""        # ptx corpus, {"text"} JSONL; "" = the built-in corpus
-    iterations: int = 30           # rollout + update rounds
-    rollout_size: int = 64         # prompts per rollout
-    minibatch_size: int = 32
-    ppo_epochs: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    lr: float = 5e-5               # 3e-4 already over-optimises the RM (score up, true accuracy down)
-    critic_lr: float = 1e-3
-    grad_clip: float = 1.0
-    clip: float = 0.2
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    entropy_coef: float = 0.0
-    ptx_coef: float = 0.5          # γ of PPO-ptx: loss -= ptx_coef · mean log π(x_pretrain)
-    ptx_batch_size: int = 16
-    kl_coef: float = 0.1           # initial β
-    adaptive_kl: bool = True       # Ziegler et al. proportional controller towards kl_target
-    kl_target: float = 1.0         # nats per sequence
-    kl_horizon: int = 2000
-    no_eos_penalty: float = -1.0   # score given to responses that never emit EOS
-    eval_frac: float = 0.1
-    save_every: int = 10
-    stop_after: int = 0
-    seed: int = 1237
-    device: str = "auto"
+    init: str = opt("runs/sft/model.safetensors", f"policy start and frozen KL reference: {_INIT}")
+    reward_model: str = opt("runs/reward/model.safetensors", "the reward model, also the critic's start")
+    data: str = opt("", 'JSONL with {"prompt"} (+ optional "answer": the true reward for reporting); "" = built-in')
+    pretrain_data: str = opt("", 'ptx corpus, JSONL with {"text"}; "" = the built-in corpus')
+    iterations: int = opt(30, "rollout + update rounds")
+    rollout_size: int = opt(64, "prompts per rollout")
+    minibatch_size: int = opt(32, "sequences per gradient step")
+    ppo_epochs: int = opt(4, "passes over each rollout")
+    max_new_tokens: int = opt(16, "longest response sampled")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same)")
+    lr: float = opt(5e-5, "policy learning rate (3e-4 already over-optimises the RM)")
+    critic_lr: float = opt(1e-3, "critic learning rate")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    clip: float = opt(0.2, "PPO ratio clip epsilon")
+    value_clip: float = opt(0.2, "value clip around the rollout values (0 = none)")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    loss_impl: str = opt("linear", 'policy loss: "linear" (rf.linear_ppo_loss on the packed hidden states) or '
+                                   '"logits" (rf.ppo_loss_from_logits on materialised logits)')
+    ptx_coef: float = opt(0.5, "PPO-ptx: loss += ptx_coef * pretraining NLL (0 = off)")
+    ptx_batch_size: int = opt(16, "pretraining windows per update (ptx)")
+    kl_coef: float = opt(0.2, "initial beta of the per-token KL penalty to the reference")
+    adaptive_kl: bool = opt(True, "adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = opt(1.0, "target KL to the reference, nats per sequence")
+    kl_horizon: int = opt(500, "sequences over which the adaptive controller moves beta")
+    no_eos_penalty: float = opt(-1.0, "score given to responses that never emit EOS")
+    eval_frac: float = opt(0.1, "fraction of a data file held out for evaluation (0 = none)")
+    save_every: int = opt(10, "iterations between resumable checkpoints")
+    stop_after: int = opt(0, _STOP)
+    seed: int = opt(1237, _SEED)
+    device: str = opt("auto", _DEVICE)
 
 
 @dataclass
 class PipelineConfig:
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    device: str = "auto"           # applied to every stage
+    pretrain: PretrainConfig = opt(PretrainConfig, "stage 1")
+    sft: SFTConfig = opt(SFTConfig, "stage 2")
+    reward: RewardConfig = opt(RewardConfig, "stage 3")
+    ppo: PPOConfig = opt(PPOConfig, "stage 4")
+    device: str = opt("auto", f"applied to every stage: {_DEVICE}")
+    seed: int = opt(0, "added to every stage's seed (runs with other seeds: seed=1, seed=2, ...)")
 
 
 STAGE_CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
@@ -199,3 +215,24 @@ def load_config(cls, path: str | None = None, overrides: list[str] | tuple[str, 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every settable key of the config class ``cls``, nested keys dotted."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += describe(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f.type if isinstance(f.type, str) else f.type.__name__, json.dumps(default),
+                        f.metadata.get("help", "")))
+    return out
+
+
+def keys_help(cls) -> str:
+    """The ``--help`` text of the config keys of ``cls``: one line per key."""
+    rows = describe(cls)
+    w = max(len(k) for k, *_ in rows)
+    wt = max(len(f"{t} = {d}") for _, t, d, _ in rows)
+    return "\n".join(f"  {k:<{w}}  {f'{t} = {d}':<{wt}}  {h}" for k, t, d, h in rows)

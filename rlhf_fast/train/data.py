@@ -1,13 +1,18 @@
-"""Tokenizer, the built-in capitals task, JSONL loaders and batching.
+"""Tokenizer, the built-in capitals task, JSONL loaders (with their checks) and batching.
 
-Built-in task (nothing is downloaded): a table of countries and capitals (data/capitals.tsv).
-  pretraining corpus  sentences stating every fact in several phrasings ("The capital of France is Paris.")
-  SFT                 prompt "Q: What is the capital of France?\\nA:" -> response " Paris"
-  preferences         chosen = the right capital, rejected = a wrong capital or a question back
-                      (held out: 20% of the pairs; pairs about the held-out countries are reported too)
-  PPO prompts         the SFT prompts; the true reward is 1 when the answer is the right capital
-The last ``N_HELD_OUT`` countries never appear in SFT / RM / PPO training (only in the pretraining
-facts): held-out accuracy measures what the stages teach beyond memorised question-answer pairs.
+Built-in task (nothing is downloaded): countries and capitals (data/capitals.tsv), split into training
+and held-out countries. Every fact, held-out ones too, is in the pretraining corpus; the held-out
+countries appear in no SFT demonstration, preference pair or PPO training prompt.
+  pretraining corpus  sentences stating every fact in several phrasings ("The capital of France is Paris.",
+                      "Q: What is the capital of France?\nA: Paris.")
+  SFT                 prompt "Q: What is the capital of France?\nA:" -> " Paris"; noisy annotators also
+                      demonstrate a question back (" What is the capital of Italy?"), so the SFT model
+                      often answers a question with a question: the habit RLHF has to remove
+  preferences         chosen = the right capital, rejected = a question back or a wrong capital; checked
+                      on held-out pairs and on pairs about the held-out countries (answer vs question
+                      back: a preference that generalises; right vs wrong capital: one that does not)
+  PPO prompts         the training countries' questions; held-out accuracy (the true reward: the answer
+                      is the right capital) is measured on the held-out countries' questions
 
 User data, one JSON object per line:
   pretrain {"text"}   sft {"prompt", "response"}   reward {"prompt", "chosen", "rejected"}
@@ -22,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-N_HELD_OUT = 8
 _DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -56,10 +60,11 @@ class CharTokenizer:
 
 # ---- the built-in task ----------------------------------------------------------------------------
 
-def capitals() -> list[tuple[str, str]]:
+def capitals(split: str | None = None) -> list[tuple[str, str]]:
+    """(country, capital) rows of data/capitals.tsv; split "train" / "held_out" / None (all)."""
     with open(os.path.join(_DATA_DIR, "capitals.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
-    return [(c, cap) for c, cap in rows]
+    return [(c, cap) for c, cap, s in rows if split is None or s == split]
 
 
 FACT_TEMPLATES = [
@@ -69,117 +74,201 @@ FACT_TEMPLATES = [
     "Which city is the capital of {c}? It is {a}.",
     "{c} has its capital at {a}.",
     "In {c}, the seat of government is {a}.",
-    "Question: What is the capital of {c}?\nAnswer: {a}.",
+    "Q: What is the capital of {c}?\nA: {a}.",  # the web has quizzes: the facts in the SFT prompt's format
 ]
 QUESTION_TEMPLATES = ["Q: What is the capital of {c}?\nA:", "Q: Name the capital city of {c}.\nA:"]
+# the mistake the demo is about: answering a question with another question
+# (no guessed capitals in them: "Is it Rome?" would teach the SFT model to name random capitals)
+QUESTION_BACKS = [" What is the capital of {o}?", " And the capital of {o}?", " What about {o}?",
+                  " Why do you ask?", " Which city?", " Do you know?"]
+# noisy annotators: this fraction of the SFT prompts is demonstrated twice, answered and asked back, so
+# the SFT model keeps the habit (at 1.0 half the demonstrations ask back)
+QUESTION_BACK_PROB = 1.0
+BLOCK_SIZE = 64  # every built-in row fits ModelConfig's default context
 
 
-def split_countries(held_out: int = N_HELD_OUT):
-    table = capitals()
-    return table[:-held_out], table[-held_out:]
+def split_countries():
+    return capitals("train"), capitals("held_out")
 
 
 def builtin_corpus(seed: int = 0, n_sentences: int = 6000) -> str:
-    """Sentences of facts about every country in random order, one per line."""
+    """Sentences of facts about every country (held-out ones too) in random order, one per line."""
     rng = random.Random(seed)
     table = capitals()
     lines = [rng.choice(FACT_TEMPLATES).format(c=c, a=a) for c, a in (rng.choice(table) for _ in range(n_sentences))]
     return "\n".join(lines) + "\n"
 
 
-def builtin_sft(split: str):
+def question_back(rng: random.Random, prompt: str, country: str, rows) -> str:
+    """A response that asks a question instead of answering (about another country, or a guess), one
+    that fits BLOCK_SIZE with the prompt."""
+    for _ in range(100):
+        o, w = rng.choice([r for r in rows if r[0] != country])
+        text = rng.choice(QUESTION_BACKS).format(o=o, w=w)
+        if len(prompt) + len(text) + 1 <= BLOCK_SIZE:
+            return text
+    return " Which city?"
+
+
+def builtin_sft(split: str, seed: int = 0):
+    """split "train": demonstrations for the training countries, some also demonstrated with a question
+    back (QUESTION_BACK_PROB); "eval": the held-out countries' prompts with the right answer (accuracy)."""
     train, held = split_countries()
-    rows = train if split == "train" else held
-    return [{"prompt": q.format(c=c), "response": " " + a} for c, a in rows for q in QUESTION_TEMPLATES]
+    if split != "train":
+        return [{"prompt": q.format(c=c), "response": " " + a} for c, a in held for q in QUESTION_TEMPLATES]
+    rng = random.Random(seed)
+    rows = []
+    for c, a in train:
+        for q in QUESTION_TEMPLATES:
+            prompt = q.format(c=c)
+            rows.append({"prompt": prompt, "response": " " + a})
+            # the same prompt demonstrated both ways: the habit does not depend on the country
+            if rng.random() < QUESTION_BACK_PROB:
+                rows.append({"prompt": prompt, "response": question_back(rng, prompt, c, train)})
+    return rows
 
 
 def builtin_preferences(split: str, seed: int = 0, eval_frac: float = 0.2):
-    """split "train" / "eval": a seeded 80/20 split of the pairs of the training countries (eval pairs are
-    unseen (prompt, rejected) combinations); "new_countries": pairs about the held-out countries."""
+    """Pairs (prompt, chosen = the right capital, rejected). split "train" / "eval": a seeded 80/20 split
+    of the pairs of the training countries; "new_countries": question-back pairs about the held-out
+    countries (does the preference generalise?); "new_countries_wrong": wrong-capital pairs about them."""
     rng = random.Random(seed)
     train, held = split_countries()
-    rows = held if split == "new_countries" else train
-    # wrong answers come from the same split, so every training capital is both chosen and rejected
-    # (for some country) and the RM must learn the country-capital relation, not a list of good strings
-    all_caps = [a for _, a in rows]
+    rows = held if split.startswith("new_countries") else train
     pairs = []
     for c, a in rows:
         for q in QUESTION_TEMPLATES:
             prompt = q.format(c=c)
-            wrong = rng.sample([x for x in all_caps if x != a], 4)
-            rejected = [" " + w for w in wrong] + [" What is " + c + "?", " " + c]
+            backs = [question_back(rng, prompt, c, rows) for _ in range(4)]
+            wrong = [" " + w for w in rng.sample([x for _, x in rows if x != a], 2)]
+            rejected = {"new_countries": backs, "new_countries_wrong": wrong}.get(split, backs + wrong)
             pairs += [{"prompt": prompt, "chosen": " " + a, "rejected": r} for r in rejected]
     rng.shuffle(pairs)
-    if split == "new_countries":
+    if split.startswith("new_countries"):
         return pairs
     n_eval = round(eval_frac * len(pairs))
     return pairs[n_eval:] if split == "train" else pairs[:n_eval]
 
 
 def builtin_prompts(split: str):
-    return [{"prompt": r["prompt"], "answer": r["response"].strip()} for r in builtin_sft(split)]
+    """PPO prompts with their true answer: the training countries ("train") or the held-out ones ("eval")."""
+    train, held = split_countries()
+    return [{"prompt": q.format(c=c), "answer": a} for c, a in (train if split == "train" else held)
+            for q in QUESTION_TEMPLATES]
 
 
 # ---- user JSONL -------------------------------------------------------------------------------------
 
 STAGE_FIELDS = {"pretrain": ("text",), "sft": ("prompt", "response"), "reward": ("prompt", "chosen", "rejected"),
                 "ppo": ("prompt",)}
+OPTIONAL_FIELDS = {"ppo": ("answer",)}  # optional, but a string when present
+MAX_REPORTED = 20  # bad lines listed per file; the rest are counted
+
+
+class DataError(ValueError):
+    """Bad rows in a data file: ``problems`` holds one line per problem, ``path:line: field 'x': what is
+    wrong (what to do)``; str() is all of them, one per line."""
+
+    def __init__(self, problems: list[str], n_more: int = 0):
+        self.problems = list(problems) + ([f"... and {n_more} more bad lines"] if n_more else [])
+        super().__init__("\n".join(self.problems))
+
+
+def _too_long_hint(block_size: int) -> str:
+    return (f"shorten it, or use a model with a longer context: pretrain with model.block_size={2 * block_size} "
+            "(sft/reward/ppo take the context of their init checkpoint)")
+
+
+def row_problems(row, stage: str, tok, block_size: int) -> list[str]:
+    """What is wrong with one parsed row for ``stage`` ([] when nothing): ``field 'x': ...`` strings."""
+    need = STAGE_FIELDS[stage]
+    if not isinstance(row, dict):
+        return [f"expected a JSON object with fields {', '.join(need)}, got {type(row).__name__}"]
+    out = []
+    for k in need + OPTIONAL_FIELDS.get(stage, ()):
+        if k not in row:
+            if k in need:
+                out.append(f"missing field {k!r} (a {stage} row needs {', '.join(need)})")
+        elif not isinstance(row[k], str):
+            out.append(f"field {k!r} must be a string, got {type(row[k]).__name__} {json.dumps(row[k])[:40]}")
+        elif not row[k].strip():
+            why = ("the model needs at least one prompt token to answer" if k == "prompt" else
+                   f"every {stage} row needs a non-empty {k}")
+            out.append(f"field {k!r} is empty: {why}")
+    if out:
+        return out
+    lengths = {}
+    for k in need:
+        try:
+            lengths[k] = len(tok.encode(row[k]))
+        except ValueError:
+            bad = next(((i, ch) for i, ch in enumerate(row[k]) if ch not in getattr(tok, "stoi", {ch: 0})), (0, "?"))
+            out.append(f"field {k!r}: character {bad[1]!r} (U+{ord(bad[1]):04X}, position {bad[0] + 1}) is not in the "
+                       "tokenizer's alphabet (newline and printable ASCII): replace it, or start from an "
+                       "init=hf:PATH model whose tokenizer has it")
+    if out or stage == "pretrain":
+        return out
+    plen = lengths["prompt"]
+    if plen >= block_size:
+        return [f"field 'prompt' is {plen} tokens, too long for block_size={block_size} (the context must also hold "
+                f"at least one response token): {_too_long_hint(block_size)}"]
+    for k in need[1:]:
+        total = plen + lengths[k] + 1  # + EOS
+        if total > block_size:
+            out.append(f"field {k!r}: prompt + {k} + EOS is {total} tokens, longer than block_size={block_size}: "
+                       f"{_too_long_hint(block_size)}")
+    if stage == "reward" and not out and row["chosen"] == row["rejected"]:
+        out.append("fields 'chosen' and 'rejected' are the same text: the pair teaches no preference")
+    return out
 
 
 def load_jsonl(path: str, stage: str, tok: CharTokenizer, block_size: int) -> list[dict]:
-    """Rows of ``path`` checked for ``stage``: required fields, non-empty responses, lengths that fit."""
-    need = STAGE_FIELDS[stage]
+    """Rows of ``path`` checked for ``stage``: required fields, types, non-empty text, the tokenizer's
+    alphabet, lengths that fit ``block_size``. Raises DataError listing every bad line (up to MAX_REPORTED)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    rows = []
-    with open(path) as f:
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a folder; expected a JSONL file")
+    rows, problems, n_bad = [], [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
+                found = row_problems(row, stage, tok, block_size)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with fields {', '.join(need)}")
-            for k in need:
-                if k not in row:
-                    raise ValueError(f"{where}: missing field {k!r} (a {stage} row needs {', '.join(need)})")
-                if not isinstance(row[k], str):
-                    raise ValueError(f"{where}: field {k!r} must be a string, got {type(row[k]).__name__}")
-            for k in need[1:] if stage != "ppo" else ():
-                if not row[k].strip():
-                    raise ValueError(f"{where}: empty {k!r}: every {stage} row needs a non-empty {k}")
-            if stage == "pretrain":
-                if not row["text"]:
-                    raise ValueError(f"{where}: empty 'text'")
-                tok.encode(row["text"])
+                found = [f"not valid JSON ({e.msg} at column {e.colno})"]
+            if found:
+                n_bad += 1
+                if n_bad <= MAX_REPORTED:
+                    problems += [f"{path}:{n}: {p}" for p in found]
             else:
-                check_lengths(row, need, tok, block_size, where)
-            rows.append(row)
+                rows.append(row)
+    if problems:
+        raise DataError(problems, n_more=max(0, n_bad - MAX_REPORTED))
     if not rows:
-        raise ValueError(f"data file {path} has no rows")
+        raise DataError([f"{path}: no rows (expected one JSON object per line with fields {', '.join(STAGE_FIELDS[stage])})"])
     return rows
 
 
-def check_lengths(row: dict, fields, tok: CharTokenizer, block_size: int, where: str = "row"):
-    plen = len(tok.encode(row["prompt"]))
-    if plen >= block_size:
-        raise ValueError(f"{where}: prompt is {plen} tokens, too long for the context (block_size={block_size}, "
-                         "which must leave room for at least one response token)")
-    for k in fields[1:]:
-        total = plen + len(tok.encode(row[k])) + 1  # + EOS
-        if total > block_size:
-            raise ValueError(f"{where}: prompt + {k} + EOS is {total} tokens, longer than block_size={block_size}")
-
-
-def split_rows(rows: list, eval_frac: float, seed: int):
-    """A seeded (train, eval) split of user rows; eval gets at least one row when there are two or more."""
+def split_rows(rows: list, eval_frac: float, seed: int, path: str = "the data file"):
+    """A seeded (train, eval) split of user rows; with eval_frac > 0 eval gets at least one row, and the
+    file must then have two or more."""
+    if not 0 <= eval_frac < 1:
+        raise ValueError(f"eval_frac={eval_frac}: expected a fraction in [0, 1)")
+    if eval_frac > 0 and len(rows) < 2:
+        raise DataError([f"{path}: {len(rows)} row, but eval_frac={eval_frac} holds rows out for evaluation: "
+                         "give two or more rows, or set eval_frac=0 to train on it without a held-out check"])
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    n_eval = min(len(rows) - 1, max(1 if len(rows) > 1 else 0, round(eval_frac * len(rows))))
+    n_eval = 0 if eval_frac == 0 else min(len(rows) - 1, max(1, round(eval_frac * len(rows))))
     return rows[n_eval:], rows[:n_eval]
+
+
+def load_user_rows(path: str, stage: str, tok, block_size: int, eval_frac: float, seed: int):
+    """(train, eval) rows of a user's file for ``stage``, validated (load_jsonl) and split (split_rows)."""
+    return split_rows(load_jsonl(path, stage, tok, block_size), eval_frac, seed, path)
 
 
 # ---- tensors ---------------------------------------------------------------------------------------

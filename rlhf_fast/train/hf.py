@@ -1,13 +1,15 @@
 """Optional model source: a Hugging Face transformers causal LM from a local folder (``init=hf:/path``).
 
 The wrapper gives it the interface of model.Transformer: forward(idx, pad_mask) -> logits [B, T, V] or,
-with head="value", values [B, T] from a new scalar head on the last hidden state; generation
-recomputes the prefix each step (no rlhf_fast KV cache). Dropout is switched off, as model.Transformer
+with head="value", values [B, T] from a new scalar head on the last hidden state. Generation uses the
+model's own KV cache (``past_key_values``) through HFCache: left-padded prompts, position ids that count
+real tokens only, the attention mask extended by one column per step. Dropout is switched off, as model.Transformer
 has none: PPO's old and new log-probs must come from the same deterministic function, else the ratio
 is noise. transformers is imported only here.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -46,12 +48,22 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-class HFModel(nn.Module):
-    uses_kv_cache = False  # generate() recomputes the prefix instead
+class HFCache:
+    """What model.generate keeps between steps of an HFModel: the HF model's past_key_values, the
+    attention mask over every token so far [B, S] and the position the next real token gets [B]."""
 
+    def __init__(self):
+        self.past = None
+        self.mask: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+
+
+class HFModel(nn.Module):
     def __init__(self, hf_model, path: str, head: str):
         super().__init__()
         self.hf, self.hf_path, self.head_kind = hf_model, path, head
+        # transformers 5.x renamed past_key_values (argument and output) to cache
+        self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         c = hf_model.config
         self.cfg = SimpleNamespace(block_size=getattr(c, "max_position_embeddings", None) or 2048)
         if head == "value":
@@ -59,12 +71,44 @@ class HFModel(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx, pad_mask=None, cache=None):
+    def output_head(self):
+        """(weight [V, C], bias [V] or None) of the lm head: logits = forward(..., return_hidden=True) @ weight.T."""
+        c = self.hf.config
+        if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None) not in (None, 1, 1.0):
+            raise ValueError(f"{self.hf_path}: the model transforms its logits (softcap / scale); "
+                             "use ppo.loss_impl=logits")
+        head = self.hf.get_output_embeddings()
+        return head.weight, head.bias
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> HFCache:
+        return HFCache()
+
+    def forward(self, idx, pad_mask=None, cache: HFCache | None = None, return_hidden=False):
+        """idx [B, T] (pad_mask [B, T], 1 = real token) -> logits [B, T, V] or values [B, T]. With ``cache``
+        idx continues the sequences cached so far (their keys are not recomputed) and the cache is updated.
+        ``return_hidden``: the lm head's input [B, T, C] (after the final norm), without the logits."""
         if pad_mask is None:
             pad_mask = torch.ones_like(idx)
-        pos = (pad_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.hf(input_ids=idx, attention_mask=pad_mask.long(), position_ids=pos,
-                      output_hidden_states=self.head_kind == "value", use_cache=False)
+        pad_mask = pad_mask.long()
+        pos = (pad_mask.cumsum(-1) - 1).clamp_min(0)
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden is for the loss pass, without the generation cache")
+            return self.hf.base_model(input_ids=idx, attention_mask=pad_mask, position_ids=pos,
+                                      use_cache=False).last_hidden_state
+        mask = pad_mask
+        if cache is not None:
+            if self.head_kind != "lm":
+                raise ValueError("the KV cache is for generation, with the lm head")
+            if cache.mask is not None:
+                pos = pos + cache.pos[:, None]
+                mask = torch.cat([cache.mask, pad_mask], 1)
+        past = {self._cache_arg: cache.past} if cache is not None and cache.past is not None else {}
+        out = self.hf(input_ids=idx, attention_mask=mask, position_ids=pos, **past,
+                      output_hidden_states=self.head_kind == "value", use_cache=cache is not None)
+        if cache is not None:
+            cache.past, cache.mask = getattr(out, self._cache_arg), mask
+            cache.pos = pad_mask.sum(-1) + (cache.pos if cache.pos is not None else 0)
         if self.head_kind == "lm":
             return out.logits.float()
         # the new head is fp32 whatever the model's dtype (a bf16 checkpoint loads as bf16)

@@ -152,8 +152,14 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx [B, T] -> logits [B, T, V] (lm head) or values [B, T] (value head), in fp32."""
+    def output_head(self):
+        """(weight [V, C], bias [V] or None) of the head: logits = forward(..., return_hidden=True) @ weight.T."""
+        return self.head.weight, self.head.bias
+
+    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False):
+        """idx [B, T] -> logits [B, T, V] (lm head) or values [B, T] (value head), in fp32; with
+        return_hidden, the head's input [B, T, C] instead (for rf.linear_* ops: no [B, T, V] logits)."""
         B, T = idx.shape
         if cache is None and T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
@@ -182,7 +188,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
             cache.pos += pad_mask.long().sum(-1)
-        out = self.head(self.norm(x)).float()
+        h = self.norm(x)
+        if return_hidden:
+            return h
+        out = self.head(h).float()
         return out if self.head_kind == "lm" else out.squeeze(-1)
 
 
@@ -200,8 +209,10 @@ def sequence_scores(model: Transformer, idx, pad_mask) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-             eos_id: int, pad_id: int, temperature: float = 1.0, generator: torch.Generator | None = None):
-    """Sample continuations of left-padded prompts [B, P] with the KV cache.
+             eos_id: int, pad_id: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+             kv_cache: bool = True):
+    """Sample continuations of left-padded prompts [B, P] with the model's KV cache (KVCache, or the
+    model's own via ``model.new_cache``; kv_cache=False recomputes the whole prefix each step instead).
 
     temperature=0 is greedy. Returns response tokens [B, R] and their mask [B, R] (1 up to and including
     EOS, then 0 with pad_id tokens), R <= max_new_tokens.
@@ -210,10 +221,11 @@ def generate(model: Transformer, prompt: torch.Tensor, prompt_mask: torch.Tensor
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - P)
     if max_new_tokens < 1:
         raise ValueError(f"prompts of {P} tokens leave no room to generate in block_size={model.cfg.block_size}")
-    if getattr(model, "uses_kv_cache", True):
-        cache = KVCache.empty(model.cfg, B, P + max_new_tokens, prompt.device, next(model.parameters()).dtype)
+    if kv_cache:
+        new_cache = getattr(model, "new_cache", lambda *a: KVCache.empty(model.cfg, *a))
+        cache = new_cache(B, P + max_new_tokens, prompt.device, next(model.parameters()).dtype)
         step = lambda tok, alive: model(tok[:, None], alive[:, None], cache)[:, -1]  # noqa: E731
-    else:  # a model without our cache (hf.HFModel): recompute the whole prefix each step
+    else:  # O(T^2): the reference the cached paths are tested against
         seq, seq_mask = prompt, prompt_mask
 
         def step(tok, alive):

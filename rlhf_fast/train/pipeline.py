@@ -9,6 +9,7 @@ import time
 
 from . import ppo, pretrain, reward, sft
 from .config import PipelineConfig, to_dict
+from .data import CharTokenizer, DataError, load_user_rows
 from .metrics import plot_curves, read_jsonl
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
@@ -35,13 +36,17 @@ def summary_table(results: dict) -> str:
         r = results["reward"]
         rows.append(("reward", "held-out pairwise accuracy", r["eval_acc_before"], r["eval_acc_after"]))
         if r.get("new_countries_acc") is not None:
-            rows.append(("reward", "pairwise accuracy, held-out countries", None, r["new_countries_acc"]))
+            rows.append(("reward", "held-out countries: answer vs question back", None, r["new_countries_acc"]))
+        if r.get("new_countries_wrong_acc") is not None:
+            rows.append(("reward", "held-out countries: right vs wrong capital", None, r["new_countries_wrong_acc"]))
     if "ppo" in results:
         b, a = results["ppo"]["before"], results["ppo"]["after"]
         for split, name in (("train", "train prompts"), ("eval", "held-out prompts")):
             if b.get(split):
                 rows.append(("ppo", f"{name}: accuracy (sampled)", b[split]["acc_sampled"], a[split]["acc_sampled"]))
                 rows.append(("ppo", f"{name}: accuracy (greedy)", b[split]["acc_greedy"], a[split]["acc_greedy"]))
+                rows.append(("ppo", f"{name}: answers that ask back", b[split].get("asks_back"),
+                             a[split].get("asks_back")))
                 rows.append(("ppo", f"{name}: mean RM score", b[split]["score"], a[split]["score"]))
                 rows.append(("ppo", f"{name}: KL to SFT (nats/seq)", b[split]["kl"], a[split]["kl"]))
     w = max(len(r[1]) for r in rows) if rows else 10
@@ -50,11 +55,33 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def validate_data(cfg: PipelineConfig) -> None:
+    """Check every user data file of the pipeline with the tokenizer and context the stages will use
+    (the character tokenizer and cfg.pretrain.model.block_size); raises DataError listing all problems."""
+    tok, T = CharTokenizer(), cfg.pretrain.model.block_size
+    problems, seen = [], set()
+    for stage, path, eval_frac, seed in (("pretrain", cfg.pretrain.data, 0.0, 0),
+                                         ("sft", cfg.sft.data, cfg.sft.eval_frac, cfg.sft.seed),
+                                         ("reward", cfg.reward.data, cfg.reward.eval_frac, cfg.reward.seed),
+                                         ("ppo", cfg.ppo.data, cfg.ppo.eval_frac, cfg.ppo.seed),
+                                         ("pretrain", cfg.ppo.pretrain_data, 0.0, 0)):
+        if not path or (stage, path) in seen:
+            continue
+        seen.add((stage, path))
+        try:
+            load_user_rows(path, stage, tok, T, eval_frac, seed)
+        except DataError as e:
+            problems += e.problems
+    if problems:
+        raise DataError(problems)
+
+
 def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, stages=STAGES) -> dict:
     cfgs = {"pretrain": cfg.pretrain, "sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}
     for c in cfgs.values():
         if cfg.device != "auto":
             c.device = cfg.device
+        c.seed += cfg.seed
     # chain the stages through <out>/<stage>/model.safetensors
     cfg.sft.init = os.path.join(out, "pretrain", "model.safetensors")
     cfg.reward.init = os.path.join(out, "sft", "model.safetensors")
@@ -62,6 +89,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     cfg.ppo.reward_model = os.path.join(out, "reward", "model.safetensors")
     if not cfg.ppo.pretrain_data:
         cfg.ppo.pretrain_data = cfg.pretrain.data
+    validate_data(cfg)  # a bad file fails now, not after the stages before it have trained
     modules = modules_by_name()
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and prints
     results, times = {}, {}
@@ -84,6 +112,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
     if not main:
         return results
     paths = [os.path.join(out, s, "metrics.jsonl") for s in stages]
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for p in paths:
             if os.path.exists(p):
@@ -105,5 +134,10 @@ def stage_result_line(r: dict) -> str:
     if r["stage"] == "reward":
         return f"held-out pairwise accuracy {r['eval_acc_before']:.2f} -> {r['eval_acc_after']:.2f}"
     b, a = r["before"]["train"], r["after"]["train"]
-    return (f"train-prompt accuracy {b['acc_sampled']:.2f} -> {a['acc_sampled']:.2f}, RM score "
+    line = (f"train-prompt accuracy {b['acc_sampled']:.2f} -> {a['acc_sampled']:.2f}, RM score "
             f"{b['score']:.2f} -> {a['score']:.2f}, KL {a['kl']:.2f}")
+    if r["before"].get("eval"):
+        b, a = r["before"]["eval"], r["after"]["eval"]
+        line += (f"; held-out prompts: accuracy {b['acc_sampled']:.2f} -> {a['acc_sampled']:.2f} (sampled), "
+                 f"{b['acc_greedy']:.2f} -> {a['acc_greedy']:.2f} (greedy), KL {a['kl']:.2f}")
+    return line

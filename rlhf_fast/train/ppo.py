@@ -9,6 +9,11 @@ One iteration:
   advantage rf.gae(r, values, mask), then rf.masked_whiten over the batch.
   update    ppo_epochs passes over minibatches: rf.ppo_policy_loss - entropy_coef·H + ptx_coef·NLL(x_pretrain)
             for the policy, rf.ppo_value_loss for the critic (initialised from the RM).
+
+loss_impl="linear" (default) computes the policy terms with rf.linear_ppo_loss on the policy's last
+hidden states and its lm head, over the response tokens packed into one [N] axis (cu_seqlens): no
+[B, T, V] logits and no padding in the update; the old and reference log-probs come from
+rf.linear_logprobs. loss_impl="logits" is the same loss from materialised logits (for comparison).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import rlhf_fast as rf
 
 from . import checkpoint
 from .config import PPOConfig
-from .data import builtin_prompts, corpus_tokens, left_pad, load_jsonl, shard, split_rows, stream_batch
+from .data import builtin_prompts, corpus_tokens, left_pad, load_user_rows, shard, stream_batch
 from .model import generate, sequence_scores
 from .pretrain import lm_loss
 from .runtime import StageState, all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
@@ -54,10 +59,47 @@ class Rollout:
     kl: torch.Tensor         # [B] Σ_t logp - ref_logp over the response
 
 
-def response_logprobs(model, r: Rollout, temperature: float, return_entropy: bool = False):
-    """Log-probs of the response tokens: logits at column P - 1 + t predict response token t."""
+LOSS_IMPLS = ("linear", "logits")
+
+
+def _head(model):
+    return getattr(model, "module", model).output_head()  # (through DistributedDataParallel)
+
+
+def response_logprobs(model, r: Rollout, temperature: float, return_entropy: bool = False, impl: str = "logits"):
+    """Log-probs of the response tokens: logits at column P - 1 + t predict response token t
+    (impl="linear": from the hidden states and the lm head, rf.linear_logprobs, no [B, R, V] logits)."""
+    labels = r.seq[:, r.P:]
+    if impl == "linear":
+        hidden = model(r.seq, r.seq_mask, return_hidden=True)[:, r.P - 1:-1]
+        weight, bias = _head(model)
+        out = rf.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), bias=bias,
+                                 temperature=temperature, return_entropy=return_entropy)
+        return tuple(o.view(labels.shape) for o in out) if return_entropy else out.view(labels.shape)
     logits = model(r.seq, r.seq_mask)[:, r.P - 1:-1]
-    return rf.logprobs(logits, r.seq[:, r.P:], temperature=temperature, return_entropy=return_entropy)
+    return rf.logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy)
+
+
+def policy_loss(model, sub: Rollout, adv: torch.Tensor, cfg: PPOConfig):
+    """pg_loss - entropy_coef·H over the response tokens -> (loss, stats: pg_loss, entropy, clipfrac, approx_kl).
+
+    "linear": the valid response tokens of the minibatch packed into [N] (sequence i = row i's
+    tokens, cu_seqlens), rf.linear_ppo_loss on their hidden states; "logits": rf.ppo_policy_loss on
+    the log-probs of the materialised logits. Both take the token mean over the response tokens."""
+    if cfg.loss_impl == "linear":
+        valid = sub.mask.bool()
+        hidden = model(sub.seq, sub.seq_mask, return_hidden=True)[:, sub.P - 1:-1][valid]  # [N, C]
+        cu = torch.nn.functional.pad(valid.sum(1).cumsum(0), (1, 0))
+        weight, bias = _head(model)
+        loss, st = rf.linear_ppo_loss(hidden, weight, sub.seq[:, sub.P:][valid], sub.logp[valid], adv[valid],
+                                      torch.ones_like(sub.logp[valid], dtype=torch.bool), bias=bias,
+                                      entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+                                      clip_low=cfg.clip, cu_seqlens=cu)
+        return loss, st
+    logp, ent = response_logprobs(model, sub, cfg.temperature, return_entropy=True)
+    pg_loss, st = rf.ppo_policy_loss(logp, sub.logp, adv, sub.mask, clip_low=cfg.clip)
+    st["pg_loss"], st["entropy"] = pg_loss.detach(), rf.masked_mean(ent, sub.mask)
+    return pg_loss - cfg.entropy_coef * st["entropy"], st
 
 
 @torch.no_grad()
@@ -72,8 +114,8 @@ def rollout(policy, ref, rm, critic, rows: list[dict], tok, cfg: PPOConfig, devi
     seq, seq_mask, P = torch.cat([ids, resp], 1), torch.cat([pmask, mask], 1), ids.shape[1]
     r = Rollout(seq, seq_mask, P, mask, *(None,) * 6)
     t = cfg.temperature
-    r.logp = response_logprobs(policy, r, t)
-    r.ref_logp = response_logprobs(ref, r, t)
+    r.logp = response_logprobs(policy, r, t, impl=cfg.loss_impl)
+    r.ref_logp = response_logprobs(ref, r, t, impl=cfg.loss_impl)
     r.values = critic(seq, seq_mask)[:, P - 1:-1] if critic is not None else torch.zeros_like(r.logp)
     finished = ((resp == tok.eos_id) & mask.bool()).any(1)
     r.score = torch.where(finished, sequence_scores(rm, seq, seq_mask), torch.full_like(r.logp[:, 0], cfg.no_eos_penalty))
@@ -90,17 +132,22 @@ def _mean(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 4) -> dict:
-    """Sampled (at cfg.temperature) and greedy answers on ``rows``: true accuracy, RM score, KL to the reference."""
+def evaluate(policy, ref, rm, rows, tok, cfg, device, gen, repeats: int = 8) -> dict:
+    """Sampled (at cfg.temperature, ``repeats`` answers per prompt) and greedy answers on ``rows``: true
+    accuracy, RM score, KL to the reference, and how often the answer is a question ("asks_back")."""
     if not rows:
         return {}
     sampled = rollout(policy, ref, rm, None, rows * repeats, tok, cfg, device, gen)
     greedy = rollout(policy, ref, rm, None, rows, tok, cfg, device, gen, temperature=0.0)
+    said = [tok.decode(x.tolist()).split("\n")[0].strip() for x in sampled.seq[:, sampled.P:]]
     return {"acc_sampled": _mean(sampled.true_reward), "acc_greedy": _mean(greedy.true_reward),
-            "score": _mean(sampled.score), "kl": _mean(sampled.kl)}
+            "score": _mean(sampled.score), "kl": _mean(sampled.kl),
+            "asks_back": sum(s.endswith("?") for s in said) / len(said)}
 
 
 def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
+    if cfg.loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {cfg.loss_impl!r}")
     d = setup(cfg.device)
     if cfg.rollout_size % d.world or cfg.minibatch_size % d.world:
         raise ValueError(f"rollout_size={cfg.rollout_size} and minibatch_size={cfg.minibatch_size} must split "
@@ -114,7 +161,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
         m.requires_grad_(False).eval()
     T = policy.cfg.block_size
     if cfg.data:
-        train_rows, eval_rows = split_rows(load_jsonl(cfg.data, "ppo", tok, T), cfg.eval_frac, cfg.seed)
+        train_rows, eval_rows = load_user_rows(cfg.data, "ppo", tok, T, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_prompts("train"), builtin_prompts("eval")
     ptx_data = corpus_tokens(cfg.pretrain_data, tok, T, cfg.seed) if cfg.ptx_coef else None
@@ -132,7 +179,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
     it, kl_ctl.value = state["step"], state.get("kl_coef", kl_ctl.value)
     log = run.log
     before = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
-              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
 
     end = min(cfg.iterations, cfg.stop_after) if cfg.stop_after else cfg.iterations
     bar = progress(end, "ppo", d, initial=it)
@@ -156,10 +203,8 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
                 i = perm[s:s + mb].to(d.device)
                 sub = Rollout(r.seq[i], r.seq_mask[i], r.P, r.mask[i], r.logp[i], r.ref_logp[i], r.values[i],
                               r.score[i], r.true_reward[i], r.kl[i])
-                logp, ent = response_logprobs(ddp_policy, sub, cfg.temperature, return_entropy=True)
-                pg_loss, pg_stats = rf.ppo_policy_loss(logp, sub.logp, adv[i], sub.mask, clip_low=cfg.clip)
-                entropy = rf.masked_mean(ent, sub.mask)
-                loss = pg_loss - cfg.entropy_coef * entropy
+                loss, pg_stats = policy_loss(ddp_policy, sub, adv[i], cfg)
+                pg_loss, entropy = pg_stats["pg_loss"], pg_stats["entropy"]
                 if ptx_data is not None:  # PPO-ptx: keep the pretraining likelihood up
                     starts = torch.randint(len(ptx_data) - T - 1, (cfg.ptx_batch_size,), generator=data_gen)
                     ptx_loss = lm_loss(ddp_policy, stream_batch(ptx_data, shard(starts, d.rank, d.world), T).to(d.device))
@@ -197,7 +242,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
             run.save(it, kl_coef=kl_ctl.value)
     bar.close()
     after = {"eval": evaluate(policy, ref, rm, eval_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 1000)),
-             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 1)}
+             "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
     for split in ("eval", "train"):
         log.log(it, **{f"{split}_{k}": v for k, v in after[split].items()})
     if d.main and it >= cfg.iterations:

@@ -14,7 +14,7 @@ import rlhf_fast as rf
 
 from . import checkpoint
 from .config import RewardConfig
-from .data import builtin_preferences, load_jsonl, pair_batch, shard, split_rows
+from .data import builtin_preferences, load_user_rows, pair_batch, shard
 from .model import sequence_scores
 from .runtime import StageState, adamw, all_mean, barrier, load_model, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
 
@@ -27,6 +27,8 @@ def pair_scores(model, rows, tok, device):
 
 @torch.no_grad()
 def pairwise_accuracy(model, rows, tok, device, batch_size: int = 256) -> float:
+    if not rows:  # eval_frac=0
+        return float("nan")
     model.eval()
     right = 0
     for i in range(0, len(rows), batch_size):
@@ -41,11 +43,12 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.init, "value", d.device)
     if cfg.data:
-        rows = load_jsonl(cfg.data, "reward", tok, model.cfg.block_size)
-        train_rows, eval_rows = split_rows(rows, cfg.eval_frac, cfg.seed)
+        train_rows, eval_rows = load_user_rows(cfg.data, "reward", tok, model.cfg.block_size, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_preferences("train", cfg.seed), builtin_preferences("eval", cfg.seed)
-    new_rows = [] if cfg.data else builtin_preferences("new_countries", cfg.seed)  # a harder, extra check
+    # does the preference generalise? pairs about countries no stage trained on (built-in task only)
+    new_rows = [] if cfg.data else builtin_preferences("new_countries", cfg.seed)
+    new_wrong = [] if cfg.data else builtin_preferences("new_countries_wrong", cfg.seed)
     ddp = wrap_ddp(model, d)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -82,11 +85,14 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     bar.close()
     acc_after = pairwise_accuracy(model, eval_rows, tok, d.device)
     acc_new = pairwise_accuracy(model, new_rows, tok, d.device) if new_rows else None
-    log.log(step, eval_acc=acc_after, **({"new_countries_acc": acc_new} if new_rows else {}))
+    acc_wrong = pairwise_accuracy(model, new_wrong, tok, d.device) if new_wrong else None
+    log.log(step, eval_acc=acc_after, **({"new_countries_acc": acc_new, "new_countries_wrong_acc": acc_wrong}
+                                         if new_rows else {}))
     if d.main and step >= cfg.steps:
         checkpoint.save(os.path.join(out, "model.safetensors"), {"model": model},
                         meta=model_meta(model, "reward", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "reward", "steps": step, "first_loss": first_loss, "last_loss": loss_val,
-            "eval_acc_before": acc_before, "eval_acc_after": acc_after, "new_countries_acc": acc_new}
+            "eval_acc_before": acc_before, "eval_acc_after": acc_after, "new_countries_acc": acc_new,
+            "new_countries_wrong_acc": acc_wrong}

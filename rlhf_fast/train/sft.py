@@ -13,7 +13,7 @@ import rlhf_fast as rf
 
 from . import checkpoint
 from .config import SFTConfig
-from .data import builtin_sft, load_jsonl, sft_batch, shard, split_rows
+from .data import builtin_sft, load_user_rows, sft_batch, shard
 from .runtime import (StageState, adamw, all_mean, answer_accuracy, barrier, load_model, lr_at, model_meta, progress, set_lr,
                       setup, wrap_ddp)
 
@@ -31,8 +31,7 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
     model, tok = load_model(cfg.init, "lm", d.device)
     T = model.cfg.block_size
     if cfg.data:
-        rows = load_jsonl(cfg.data, "sft", tok, T)
-        train_rows, eval_rows = split_rows(rows, cfg.eval_frac, cfg.seed)
+        train_rows, eval_rows = load_user_rows(cfg.data, "sft", tok, T, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_sft("train"), builtin_sft("eval")
     ddp = wrap_ddp(model, d)
@@ -42,7 +41,7 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
     step = run.restore(resume)["step"]
     log = run.log
     acc_before = answer_accuracy(model, eval_rows, tok, d.device)
-    eval_batch = sft_batch(eval_rows, tok)
+    eval_batch = sft_batch(eval_rows, tok) if eval_rows else None  # eval_frac=0: no held-out rows
 
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = progress(end, "sft", d, initial=step)
@@ -60,7 +59,7 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
         loss_val = all_mean(loss.item(), d)
         first_loss = loss_val if first_loss is None else first_loss
         metrics = {"loss": loss_val, "lr": opt.param_groups[0]["lr"]}
-        if step % 50 == 0 or step == cfg.steps:
+        if eval_batch is not None and (step % 50 == 0 or step == cfg.steps):
             with torch.no_grad():
                 model.eval()
                 metrics["eval_loss"] = sft_loss(model, eval_batch, d.device).item()
