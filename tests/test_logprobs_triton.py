@@ -188,18 +188,23 @@ out = {}
 for dtype in ("bf16", "fp64"):
     acc, stat = (tl.float64, "*fp64") if dtype == "fp64" else (tl.float32, "*fp32")
     common = {"V": "i32", "ignore_index": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32"}
+    vec = 2 if dtype == "fp64" else 8
+    row = {"VEC": vec, "BLOCK_V": 256 * vec, "SPAN": 4096 * vec}
     kernels = {
         "fwd": (tlp._logprobs_fwd_kernel,
-                {"x_ptr": f"*{dtype}", "T": "i64", "s0": "i64", "s1": "i64", "labels_ptr": "*i64", "logp_ptr": stat,
-                 "ent_ptr": stat,
-                 "lse_ptr": stat, **common, "ACC": "constexpr", "BLOCK_V": "constexpr"},
-                {"ACC": acc, "BLOCK_V": tlp._MAX_BLOCK_V}),
+                {"x_ptr": f"*{dtype}", "T": "i64", "s0": "i64", "s1": "i64", "phase0": "i32", "labels_ptr": "*i64",
+                 "logp_ptr": stat, "ent_ptr": stat, "lse_ptr": stat, "part_ptr": stat, "count_ptr": "*i32",
+                 **{k: v for k, v in common.items()}, "c2_hi": "fp32", "c2_lo": "fp32", "ACC": "constexpr",
+                 "VEC": "constexpr", "BLOCK_V": "constexpr", "SPAN": "constexpr", "SPLIT": "constexpr",
+                 "SPLIT_P2": "constexpr", "ALIGNED": "constexpr", "FAST": "constexpr"},
+                {"ACC": acc, **row, "SPLIT": 3, "SPLIT_P2": 4, "ALIGNED": False, "FAST": dtype != "fp64"}),
         "bwd": (tlp._logprobs_bwd_kernel,
                 {"x_ptr": f"*{dtype}", "T": "i64", "s0": "i64", "s1": "i64", "g_ptr": f"*{dtype}", "g0": "i64",
-                 "g1": "i64",
+                 "g1": "i64", "phase0": "i32",
                  "labels_ptr": "*i64", "glp_ptr": stat, "gent_ptr": stat, "lse_ptr": stat, "ent_ptr": stat, **common,
-                 "HAS_GENT": "constexpr", "ACC": "constexpr", "BLOCK_V": "constexpr"},
-                {"HAS_GENT": True, "ACC": acc, "BLOCK_V": tlp._MAX_BLOCK_V}),
+                 "HAS_GENT": "constexpr", "ACC": "constexpr", "VEC": "constexpr", "BLOCK_V": "constexpr",
+                 "SPAN": "constexpr", "SPLIT": "constexpr", "SAME": "constexpr", "FAST": "constexpr"},
+                {"HAS_GENT": True, "ACC": acc, **row, "SPLIT": 3, "SAME": True, "FAST": dtype != "fp64"}),
     }
     for which, (kernel, sig, constexprs) in kernels.items():
         params = list(inspect.signature(kernel.fn).parameters)
@@ -241,3 +246,77 @@ def test_compiles_for_sm90(sm90_build, which, dtype):
     assert "error" not in r, r.get("error")
     assert r["sm_90"]
     assert not r["local"], "register spills (local memory) at the largest block"
+
+
+# ------------------------------------------------------------------------------ rows split over programs
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Chunks of 64 columns, one chunk per program: a 1031-wide row is split over 17 programs."""
+    monkeypatch.setattr(tlp, "_MAX_BLOCK_V", 64)
+    monkeypatch.setattr(tlp, "_CHUNKS_PER_PROGRAM", 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_split_rows_match_the_reference(split_rows, dtype):
+    V = 1031
+    buf = _randn(3, 6, V + 3, dtype=dtype)
+    x = buf[:, 1:, :V]  # strided [3, 5, V] rows whose 16-byte phase varies row by row
+    labels = torch.randint(0, V, (3, 5), device=DEVICE)
+    labels[0, 0], labels[0, 1], labels[1, 2] = 0, V - 1, -100
+    x[0, 2, :500] = float("-inf")  # whole programs of -inf
+    labels[0, 2] = 700
+    assert tlp.row_launch(V, tlp.as_rows(x.reshape(-1, V)), tlp._MAX_BLOCK_V)["SPLIT"] > 8
+    _check("triton", x, labels, temperature=0.7)
+
+
+def test_split_rows_nan_and_inplace_backward(split_rows):
+    V = 1031
+    x = _randn(4, V)
+    x[1, 900] = float("nan")
+    labels = torch.tensor([3, 5, 1030, 64], device=DEVICE)
+    g = torch.randn(4, device=DEVICE)
+    lp, ent = rf.logprobs(x, labels, return_entropy=True, backend="triton")
+    assert lp[1].isnan() and ent[1].isnan() and not lp[[0, 2, 3]].isnan().any()
+    xr = x.clone().requires_grad_()
+    lp2, ent2 = rf.logprobs(xr, labels, return_entropy=True, backend="triton")
+    (want,) = torch.autograd.grad((lp2 * g).sum() + ent2.sum(), xr)
+    y = x.clone().requires_grad_()
+    z = y * 1.0
+    lp3, ent3 = tlp.logprobs_inplace_backward(z, labels, return_entropy=True)
+    ((lp3 * g).sum() + ent3.sum()).backward()
+    assert torch.equal(y.grad.isnan(), want.isnan()) and torch.equal(y.grad.nan_to_num(), want.nan_to_num())
+    assert want[1].isnan().all() and not want[0].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_batch_invariant(split_rows, dtype):
+    V = 1031
+    x = _randn(9, V, dtype=dtype)
+    labels = torch.randint(0, V, (9,), device=DEVICE)
+    full = rf.logprobs(x, labels, return_entropy=True, backend="triton")
+    for i in (0, 3, 4, 8):
+        alone = rf.logprobs(x[i:i + 1].clone(), labels[i:i + 1], return_entropy=True, backend="triton")
+        for a, b in zip(alone, full):
+            assert torch.equal(a, b[i:i + 1]), f"row {i} alone differs from the batch"
+
+
+def test_small_batch_launch_fills_the_gpu(monkeypatch):
+    """N = 64 rows of V = 151,936: the forward and backward launches have >= 128 programs (an H100/H200 has
+    132 SMs), with the same split for any N (here N = 1 and N = 64 give the same programs per row)."""
+    grids = []
+    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"):
+        real = getattr(tlp, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                grids.append((name, grid))
+                return lambda *a, **kw: None  # the launch itself is not needed (and slow in the interpreter)
+        monkeypatch.setattr(tlp, name, Spy())
+    V = 151936
+    for N in (64, 1):
+        x = torch.zeros(N, V, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+        lp, ent = tlp.logprobs(x, torch.zeros(N, dtype=torch.long, device=DEVICE), return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    (fwd64, bwd64, fwd1, bwd1) = [g for _, g in grids]
+    assert fwd64[0] * fwd64[1] >= 128 and bwd64[0] * bwd64[1] >= 128, grids
+    assert fwd1[1:] == fwd64[1:] and bwd1[1:] == bwd64[1:], "the split must not depend on N"

@@ -231,6 +231,22 @@ _LOGITS_CASES = [(a, torch.float32, o) for a in AGGS for o in _OPTS] + \
     [(a, d, _OPTS[3]) for a in ("token-mean", "seq-mean-token-mean") for d in (torch.bfloat16, torch.float64)]
 
 
+@pytest.fixture
+def split_rows(monkeypatch):
+    """One 64-column chunk per program: each 301-column row is split over 5 (bf16) to 10 (fp64) programs whose
+    partial triples the last one merges."""
+    from rlhf_fast.ops import logprobs as tlp
+    from rlhf_fast.ops import ppo_loss_from_logits as mod
+    monkeypatch.setattr(mod, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(tlp, "_CHUNKS_PER_PROGRAM", 1)
+
+
+@pytest.mark.parametrize("agg,dtype,opts", [("token-mean", d, _OPTS[3]) for d in (torch.float32, torch.bfloat16,
+                                                                                  torch.float64)])
+def test_ppo_loss_from_logits_split_rows(split_rows, agg, dtype, opts):
+    test_ppo_loss_from_logits_fuzz(None, agg, dtype, opts)
+
+
 @pytest.mark.parametrize("agg,dtype,opts", _LOGITS_CASES)
 def test_ppo_loss_from_logits_fuzz(small_block_v, agg, dtype, opts):
     B, T, V = 3, 5, 301
@@ -287,13 +303,14 @@ _AOT = textwrap.dedent("""
     build(advantages._kl_rewards_kernel, dict(score_ptr=f32, lp_ptr=f32, ref_ptr=f32, m_ptr="*u8", out_ptr=f32,
           grad_ptr=f32, last_ptr="*i64", T=i32, beta=f64),
           dict(EST=2, PLUS=True, WRITE_GRAD=True, ACC=tl.float32, NTERMS=10, BLOCK_T=1024))
-    build(pl._fwd_kernel, dict(x_ptr="*bf16", XT=i32, xs0=i32, xs1=i32, lab_ptr="*i64", old_ptr=f32, adv_ptr=f32,
-          ref_ptr=f32, m_ptr="*u8", scale_ptr=f32, stats_ptr=f32, grads_ptr=f32, V=i32, T=i32, inv_t=f64, lo=f64,
-          hi=f64, dual_c=f64, kl_coef=f64, ent_coef=f64),
+    row = dict(VEC=8, BLOCK_V=2048, SPAN=32768, SPLIT=5, FAST=True)
+    build(pl._fwd_kernel, dict(x_ptr="*bf16", XT=i32, xs0=i32, xs1=i32, phase0=i32, lab_ptr="*i64", old_ptr=f32,
+          adv_ptr=f32, ref_ptr=f32, m_ptr="*u8", scale_ptr=f32, stats_ptr=f32, grads_ptr=f32, part_ptr=f32,
+          count_ptr="*i32", V=i32, T=i32, inv_t=f64, c2=f64, lo=f64, hi=f64, dual_c=f64, kl_coef=f64, ent_coef=f64),
           dict(HAS_DUAL=True, HAS_REF=True, EST=2, PLUS=False, ROW_ACC=tl.float32, ACC=tl.float32, NTERMS=10,
-               BLOCK_V=4096))
-    build(pl._bwd_kernel, dict(x_ptr="*bf16", XT=i32, xs0=i32, xs1=i32, lab_ptr="*i64", grads_ptr=f32, G_ptr=f32,
-          dx_ptr="*bf16", ds0=i32, ds1=i32, V=i32, inv_t=f64), dict(ROW_ACC=tl.float32, BLOCK_V=4096))
+               SPLIT_P2=8, ALIGNED=False, **row))
+    build(pl._bwd_kernel, dict(x_ptr="*bf16", XT=i32, xs0=i32, xs1=i32, phase0=i32, lab_ptr="*i64", grads_ptr=f32,
+          G_ptr=f32, dx_ptr="*bf16", ds0=i32, ds1=i32, V=i32, inv_t=f64), dict(ROW_ACC=tl.float32, SAME=True, **row))
 """)
 
 

@@ -91,14 +91,13 @@ def _triton_pass(x, lab, old, adv, m, scale, ref, c: _Config):
         # the chunk as one [1, N, V] batch of rows (the kernels' layout); T = 1: one scale per token
         row_acc = tl.float64 if x.dtype == torch.float64 else tl.float32
         with _backend.device_guard(x.device):
-            _fl._fwd_kernel[(N,)](
-                x, N, N * x.stride(0), x.stride(0), lab, old, adv, ref, _mask_arg(m), scale, stats, grads, V, 1,
-                c.inv_t, 1.0 - c.clip_low, 1.0 + c.clip_high, c.dual_clip or 0.0, c.kl_coef, c.entropy_coef,
-                HAS_DUAL=c.dual_clip is not None, HAS_REF=c.has_ref, EST=est, PLUS=plus, ROW_ACC=row_acc, ACC=acc,
-                NTERMS=nterms, BLOCK_V=_fl._block_v(V))
+            x3 = x.unsqueeze(0)
+            _fl.launch_fwd(x3, lab, old, adv, ref, _mask_arg(m), scale, stats, grads, 1, c.inv_t, 1.0 - c.clip_low,
+                           1.0 + c.clip_high, c.dual_clip or 0.0, c.kl_coef, c.entropy_coef,
+                           HAS_DUAL=c.dual_clip is not None, HAS_REF=c.has_ref, EST=est, PLUS=plus, ROW_ACC=row_acc,
+                           ACC=acc, NTERMS=nterms)
             one = torch.ones(1, dtype=dt, device=x.device)
-            _fl._bwd_kernel[(N,)](x, N, N * x.stride(0), x.stride(0), lab, grads, one, x, N * x.stride(0),
-                                  x.stride(0), V, c.inv_t, ROW_ACC=row_acc, BLOCK_V=_fl._block_v(V))
+            _fl.launch_bwd(x3, lab, grads, one, x3, c.inv_t, row_acc)
     return stats.sum(0)[:6], grads[:, 4:7]
 
 

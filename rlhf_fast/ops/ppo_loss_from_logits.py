@@ -32,45 +32,22 @@ from .kl import acc_dtypes, estimator_code, kl_elem
 from . import logprobs as _tlp
 from .ppo_loss import _mask_arg, agg_row_scale, flat_bt, ppo_token
 
-MAX_BLOCK_V = 4096  # chunk of the vocabulary held in registers (tests lower it to exercise the loop)
+MAX_BLOCK_V = 2048  # columns of one chunk for bf16 (tests lower it to exercise the loop); see _tlp.row_launch
 _NS, _NG = 8, 8  # columns of the per-token stats and gradient buffers
 
 
 @triton.jit
-def _row_stats(row, V, it, ROW_ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(m, log_s, Σ e·(z - m/T)) of one row: m the raw max, log_s = log Σ exp((x - m)/T). A NaN logit
-    makes log_s NaN (its e is NaN: `x != -inf` holds for NaN, unlike `x > -inf`)."""
-    cols = tl.arange(0, BLOCK_V)
-    # the max is taken over the raw logits x (temperature > 0 commutes with it) and z - max formed as
-    # (x - max)·(1/T): exact subtraction first, so huge logits lose nothing to the temperature product
-    m = tl.full([], float("-inf"), ROW_ACC)
-    s = tl.zeros([], ROW_ACC)  # Σ exp(z - m/T)
-    t = tl.zeros([], ROW_ACC)  # Σ exp(z - m/T)·(z - m/T)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        x = tl.load(row + c, mask=c < V, other=float("-inf")).to(ROW_ACC)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        fin = x != float("-inf")
-        zm = tl.where(fin, (x - m_new) * it, 0.0)
-        e = tl.where(fin, tl.exp(zm), 0.0)
-        # rescale the running sums to the new max (nothing to rescale while they are empty; a NaN s stays NaN)
-        shift = tl.where(s > 0, (m - m_new) * it, 0.0)
-        alpha = tl.exp(shift)
-        t = alpha * (t + shift * s) + tl.sum(e * zm, 0)
-        s = alpha * s + tl.sum(e, 0)
-        m = m_new
-    return m, tl.log(s), t / s
-
-
-@triton.jit
-def _fwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scale_ptr, stats_ptr, grads_ptr,
-                V, T, inv_t: "fp64", lo: "fp64", hi: "fp64", dual_c: "fp64", kl_coef: "fp64", ent_coef: "fp64",
-                HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, EST: tl.constexpr, PLUS: tl.constexpr,
-                ROW_ACC: tl.constexpr, ACC: tl.constexpr, NTERMS: tl.constexpr, BLOCK_V: tl.constexpr):
-    # logits [B, XT, V] with strides (xs0, xs1, 1); the row pass in ROW_ACC (the logits' math dtype),
-    # the per-token math in ACC (fp64 if any per-token input is)
+def _fwd_kernel(x_ptr, XT, xs0, xs1, phase0, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, scale_ptr, stats_ptr,
+                grads_ptr, part_ptr, count_ptr, V, T, inv_t: "fp64", c2: "fp64", lo: "fp64", hi: "fp64",
+                dual_c: "fp64", kl_coef: "fp64", ent_coef: "fp64", HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
+                EST: tl.constexpr, PLUS: tl.constexpr, ROW_ACC: tl.constexpr, ACC: tl.constexpr,
+                NTERMS: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, SPAN: tl.constexpr,
+                SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
+    # logits [B, XT, V] with strides (xs0, xs1, 1); grid (N, SPLIT): program (n, k) reads the columns
+    # [k·SPAN, (k+1)·SPAN) of row n and the last of a row's programs does the per-token math. The row pass in
+    # ROW_ACC (the logits' math dtype), the per-token math in ACC (fp64 if any per-token input is)
     n = tl.program_id(0).to(tl.int64)
-    row = x_ptr + (n // XT) * xs0 + (n % XT) * xs1
+    row_off = (n // XT) * xs0 + (n % XT) * xs1
     it = tl.full([], inv_t, ROW_ACC)
     label = tl.load(lab_ptr + n)
     ignored = label == -100
@@ -78,20 +55,32 @@ def _fwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, 
     log_s = tl.zeros([], ROW_ACC)
     logp = tl.zeros([], ROW_ACC)
     ent = tl.zeros([], ROW_ACC)
+    go = tl.program_id(1) == 0
     if (label >= 0) & (label < V):
-        m, log_s, tbar = _row_stats(row, V, it, ROW_ACC, BLOCK_V)
-        x_lab = tl.load(row + label).to(ROW_ACC)
+        # the max is taken over the raw logits x (temperature > 0 commutes with it) and z - max formed as
+        # (x - max)·(1/T): exact subtraction first, so huge logits lose nothing to the temperature product
+        go, m, s, t = _tlp._row_triple(x_ptr, n, row_off, phase0, V, tl.full([], c2, ROW_ACC), part_ptr, count_ptr,
+                                       ROW_ACC, VEC, BLOCK_V, SPAN, SPLIT, SPLIT_P2, ALIGNED, FAST)
+        x_lab = tl.load(x_ptr + row_off + label).to(ROW_ACC)
+        log_s = tl.log(s)
         logp = (x_lab - m) * it - log_s
-        ent = log_s - tbar
+        ent = log_s - (t * it) / s
     elif label != -100:  # out-of-range label (no host check ran): a NaN row, nothing read
         m = tl.full([], float("nan"), ROW_ACC)
         log_s = m
         logp = m
         ent = m
     # ignored rows are not read: logp = H = 0 and a zero gradient row
-    logp = logp.to(ACC)
-    ent = ent.to(ACC)
+    if go:
+        _token(n, T, ignored, m, log_s, logp.to(ACC), ent.to(ACC), old_ptr, adv_ptr, ref_ptr, m_ptr, scale_ptr,
+               stats_ptr, grads_ptr, lo, hi, dual_c, kl_coef, ent_coef, HAS_DUAL, HAS_REF, EST, PLUS, ACC, NTERMS)
 
+
+@triton.jit
+def _token(n, T, ignored, m, log_s, logp, ent, old_ptr, adv_ptr, ref_ptr, m_ptr, scale_ptr, stats_ptr, grads_ptr,
+           lo, hi, dual_c, kl_coef, ent_coef, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, EST: tl.constexpr,
+           PLUS: tl.constexpr, ACC: tl.constexpr, NTERMS: tl.constexpr):
+    """The per-token math of one row given its logp and entropy; writes its stats and gradient scalars."""
     old = tl.load(old_ptr + n).to(ACC)
     adv = tl.load(adv_ptr + n).to(ACC)
     mk = tl.load(m_ptr + n).to(ACC)
@@ -127,44 +116,56 @@ def _fwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, old_ptr, adv_ptr, ref_ptr, m_ptr, 
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, XT, xs0, xs1, lab_ptr, grads_ptr, G_ptr, dx_ptr, ds0, ds1, V, inv_t: "fp64",
-                ROW_ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _bwd_kernel(x_ptr, XT, xs0, xs1, phase0, lab_ptr, grads_ptr, G_ptr, dx_ptr, ds0, ds1, V, inv_t: "fp64",
+                ROW_ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, SPAN: tl.constexpr,
+                SPLIT: tl.constexpr, SAME: tl.constexpr, FAST: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    row = x_ptr + (n // XT) * xs0 + (n % XT) * xs1
-    drow = dx_ptr + (n // XT) * ds0 + (n % XT) * ds1
+    x_off = (n // XT) * xs0 + (n % XT) * xs1
+    d_off = (n // XT) * ds0 + (n % XT) * ds1
     label = tl.load(lab_ptr + n)
-    cols = tl.arange(0, BLOCK_V)
     if label == -100:  # ignored: a zero row, the logits not read
-        for start in range(0, V, BLOCK_V):
-            c = start + cols
-            tl.store(drow + c, tl.zeros([BLOCK_V], ROW_ACC).to(dx_ptr.dtype.element_ty), mask=c < V)
+        _tlp._fill_row(dx_ptr, d_off, V, 0.0, ROW_ACC, BLOCK_V)
     elif (label < 0) | (label >= V):  # out-of-range label: a NaN row, the logits not read
-        for start in range(0, V, BLOCK_V):
-            c = start + cols
-            tl.store(drow + c, tl.full([BLOCK_V], float("nan"), ROW_ACC).to(dx_ptr.dtype.element_ty), mask=c < V)
+        _tlp._fill_row(dx_ptr, d_off, V, float("nan"), ROW_ACC, BLOCK_V)
     else:
         it = tl.full([], inv_t, ROW_ACC)
         G = tl.load(G_ptr)
         gr = grads_ptr + n * 8
-        g_lp = (G * tl.load(gr + 0)).to(ROW_ACC)
-        g_ent = (G * tl.load(gr + 1)).to(ROW_ACC)
+        a = (G * tl.load(gr + 0)).to(ROW_ACC) * it  # grad_x = grad_z / T: 1/T folded into the coefficients
+        b = (G * tl.load(gr + 1)).to(ROW_ACC) * it
         m = tl.load(gr + 2).to(ROW_ACC)
         log_s = tl.load(gr + 7).to(ROW_ACC)
         ent = tl.load(gr + 3).to(ROW_ACC)
-        for start in range(0, V, BLOCK_V):
-            c = start + cols
-            inb = c < V
-            x = tl.load(row + c, mask=inb, other=float("-inf")).to(ROW_ACC)
-            fin = x != float("-inf")
-            zl = tl.where(fin, (x - m) * it - log_s, 0.0)  # log p
-            p = tl.where(fin, tl.exp(zl), 0.0)
-            onehot = (c == label).to(ROW_ACC)
-            gz = g_lp * (onehot - p) - g_ent * p * (zl + ent)
-            tl.store(drow + c, (gz * it).to(dx_ptr.dtype.element_ty), mask=inb)
+        # log p = (x - m)/T - log_s in log2 units: p = 2^((x - m)·c2 - log2 Σ), b·(log p + H) = b·ln2·(log2 p + H·log2 e)
+        log2e = tl.full([], 1.4426950408889634, ROW_ACC)  # tl.full: an fp64 constant stays fp64
+        _tlp._grad_row(x_ptr, x_off, dx_ptr, d_off, phase0, V, label, m, log_s * log2e, it * log2e, a,
+                       b * tl.full([], 0.6931471805599453, ROW_ACC), ent * log2e, ROW_ACC, VEC, BLOCK_V, SPAN, SPLIT, SAME, True, FAST)
 
 
-def _block_v(V):
-    return max(16, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
+def launch_fwd(x, lab, old, adv, ref, mask, scale, stats, grads, T, inv_t, lo, hi, dual_c, kl_coef, ent_coef,
+               **constexprs):
+    """_fwd_kernel over the rows of the [B, XT, V] view x (unit stride over V; N = B·XT > 0 rows): grid (N, SPLIT)
+    and the row constants of _tlp.row_launch; T the length of a scale row (scale[n // T])."""
+    N, V = x.shape[0] * x.shape[1], x.shape[2]
+    kw = _tlp.row_launch(V, x, MAX_BLOCK_V)
+    phase0, split = kw.pop("phase0"), kw["SPLIT"]
+    part = torch.empty(N * split * 3 if split > 1 else 1, device=x.device,
+                       dtype=torch.float64 if constexprs["ROW_ACC"] == tl.float64 else torch.float32)  # row triples
+    count = torch.zeros(N if split > 1 else 1, dtype=torch.int32, device=x.device)
+    _fwd_kernel[(N, split)](x, x.shape[1], x.stride(0), x.stride(1), phase0, lab, old, adv, ref, mask, scale, stats,
+                            grads, part, count, V, T, inv_t, _tlp._LOG2E * inv_t, lo, hi, dual_c, kl_coef, ent_coef,
+                            SPLIT_P2=triton.next_power_of_2(split), ALIGNED=_tlp._aligned_rows(x, phase0, kw["VEC"]),
+                            **constexprs, **kw)
+
+
+def launch_bwd(x, lab, grads, G, out, inv_t, row_acc):
+    """_bwd_kernel: grad logits of the [B, XT, V] view x into the [B, XT, V] view out (may be x itself)."""
+    N, V = x.shape[0] * x.shape[1], x.shape[2]
+    kw = _tlp.row_launch(V, x, MAX_BLOCK_V)
+    phase0 = kw.pop("phase0")
+    same = out.stride()[:2] == x.stride()[:2] and (out.data_ptr() - x.data_ptr()) % 16 == 0
+    _bwd_kernel[(N, kw["SPLIT"])](x, x.shape[1], x.stride(0), x.stride(1), phase0, lab, grads, G, out, out.stride(0),
+                                  out.stride(1), V, inv_t, ROW_ACC=row_acc, SAME=same, **kw)
 
 
 class PPOLossFromLogitsFunction(torch.autograd.Function):
@@ -188,12 +189,11 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
         est, plus = estimator_code(kl_estimator)
         if N:
             with _backend.device_guard(x.device):
-                _fwd_kernel[(N,)](
-                    x, x.shape[1], x.stride(0), x.stride(1), lab, old, adv, rf, _mask_arg(m), scale, stats, grads,
-                    V, T, 1.0 / temperature, 1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
-                    float(dual_clip) if dual_clip is not None else 0.0, float(kl_coef) if use_kl else 0.0,
-                    float(entropy_coef), HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, EST=est, PLUS=plus,
-                    ROW_ACC=row_acc, ACC=acc, NTERMS=nterms, BLOCK_V=_block_v(V))
+                launch_fwd(x, lab, old, adv, rf, _mask_arg(m), scale, stats, grads, T, 1.0 / temperature,
+                           1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
+                           float(dual_clip) if dual_clip is not None else 0.0, float(kl_coef) if use_kl else 0.0,
+                           float(entropy_coef), HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, EST=est, PLUS=plus,
+                           ROW_ACC=row_acc, ACC=acc, NTERMS=nterms)
         sums = stats.sum(0)
         pg_loss, ent = sums[0], sums[1]
         loss = pg_loss.clone()
@@ -222,8 +222,7 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
             B, T, V = x.shape
             if B * T:
                 with _backend.device_guard(x.device):
-                    _bwd_kernel[(B * T,)](x, T, x.stride(0), x.stride(1), lab, grads, G, d_logits, d_logits.stride(0),
-                                          d_logits.stride(1), V, ctx.inv_t, ROW_ACC=ctx.row_acc, BLOCK_V=_block_v(V))
+                    launch_bwd(x, lab, grads, G, d_logits, ctx.inv_t, ctx.row_acc)
             d_logits = d_logits.view(ls)
         if need[2]:
             d_old = (G * grads[:, 4]).view(os_).to(odt)
