@@ -1,11 +1,15 @@
 """logprobs in Triton: log softmax(logits / T)[label] and the entropy, without an [N, V] temporary.
 
-Forward: one program per row reads the row once in BLOCK_V chunks, keeping an online max m,
-s = Σ e^{z-m} and t = Σ e^{z-m}·(z-m) (both rescaled when m moves; same formulation as
-csrc/logprobs_cpu.cpp), and the label's logit; it writes logp = z_y - lse, H = log s - t/s and
-lse = m + log s per row. Backward: one read and one write of [N, V], p recomputed from lse:
-grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z / T — optionally written into
-the logits buffer itself (``logprobs_inplace_backward``).
+Forward: a row is read once as tiles of 16-byte groups (VEC elements, one thread each, groups in the row's
+index space). Each group keeps a running raw max m, s = Σ 2^((x-m)·log2(e)/T) and t = Σ 2^(…)·(x-m)
+(rescaled when m moves; ``ex2.approx.ftz`` of the exact difference x - m on a GPU), so the max and sums
+of a chunk stay in registers; the groups' triples are merged once per row. The row is split over
+SPLIT = cdiv(V, _CHUNKS_PER_PROGRAM chunks) programs (a function of V only: a row's bits never depend on
+N); the last of a row's programs merges their partial triples in a fixed order and reads the label's
+logit once: logp = (x_y - m)/T - log s, H = log s - t/(T·s), lse = m/T + log s. Backward: elementwise,
+one read and one write of [N, V] over an aligned body with a masked head/tail (128-bit for any V and row
+stride), p recomputed from lse: grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z / T
+— optionally written into the logits buffer itself (``logprobs_inplace_backward``).
 
 Logits are [B, T, V] with any strides over B and T (row r at (r // T)·s0 + (r % T)·s1, see
 rlhf_fast/_layout.py), so a time slice ``logits[:, :-1]`` is read in place; grad logits take the

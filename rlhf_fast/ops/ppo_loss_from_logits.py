@@ -1,8 +1,9 @@
 """PPO policy loss straight from the logits (+ KL and entropy terms), fused in Triton.
 
-Forward: one program per token row reads its logits once (online max / sum-exp / Σ e·(z - max) in
-BLOCK_V chunks, so any V fits without spilling), giving logp and entropy, then computes the clipped
-policy loss, the KL estimate and the aggregation weight in registers. Per token it writes the loss
+Forward: the row pass of ops/logprobs.py (_row_triple: 16-byte groups with running max / sum-exp /
+Σ e·(x - max), the row split over programs by V alone and merged in a fixed order) gives logp and
+entropy; the row's last program then computes the clipped policy loss, the KL estimate and the
+aggregation weight in registers. Per token it writes the loss
 terms (a [N, 8] buffer that torch sums: deterministic) and the scalars the backward needs:
 g_lp = d loss / d logp, g_ent = d loss / d entropy (both already scaled by the aggregation
 weight), the raw row max m and log_s = log Σ exp((x - m)/T) (lse = m/T + log_s
