@@ -158,6 +158,12 @@ def test_linear_ppo_loss_bench_cpu(tmp_path):
     assert r["loss_rel_diff"] < 1e-5 and max(r["grad_rel_diff"].values()) < 1e-4
     for run in list(r["runs"].values()) + [r["gemm_baseline"]]:
         assert run["time_ms"]["n"] >= 1 and run["time_ms"]["p50"] > 0 and run["tflops"] > 0
+    # the GPU mode's measuring loop, on the CPU: warm-up calls, one measured call, the timer's repetitions
+    calls = []
+    peak, extra, times = B._cuda_run(lambda: calls.append("fn"), lambda: calls.append("clear"), H.Memory("cpu"),
+                                     H.Timer("cpu", budget_s=0.0, min_reps=3, max_reps=3), warmup=2)
+    assert len(times) == 3 and calls.count("fn") == 2 + 1 + 3 and calls[-1] == "clear"
+    assert all(a != b or a == "clear" for a, b in zip(calls, calls[1:]))  # each call of fn follows a clear
     h, w, g = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64), torch.randn(
         5, 7, dtype=torch.float64)
     logits, gh, gw = B.gemm_baseline(h, w, g)
