@@ -295,6 +295,7 @@ fi
 # ---------------------------------------------------------------- collect
 log "done in $(( $(date +%s) - START ))s; failed parts:${FAILED:- none}"
 cp "$LOG" "$WORK/device.txt" "$WORK/tests.log" "$RES/" 2>/dev/null
+[ -f "$WORK/static.log" ] && cp "$WORK/static.log" "$RES/static/"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   # at most 8 files: log, device info, test log, results (json, md, summary plot) and a tarball of all
