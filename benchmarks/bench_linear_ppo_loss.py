@@ -3,12 +3,23 @@
 Compute-bound (the GEMMs), so records carry FLOPs: fwd 2·N·H·V for the logits, bwd 4·N·H·V for the
 gradients (the chunked backends run all three GEMMs in the forward and only scale in the backward).
 
-``python -m benchmarks.bench_linear_ppo_loss`` also runs the issue-13 comparison on the CPU: at
-N=1024, H=512, V=151936 fp32, rf.linear_ppo_loss against rf.ppo_loss_from_logits on materialised
-logits (torch GEMM, the compiled fused loss, autograd back through the GEMM), forward + backward:
-median time over repetitions and the peak extra memory (rise of the process's resident-set
-high-water mark over one call, less the gradients of hidden and weight, which both produce), and
-writes benchmarks/results/cpu/linear_ppo_loss.json and linear_ppo_loss.png.
+``python -m benchmarks.bench_linear_ppo_loss`` also runs the issue-13 comparison, forward + backward:
+rf.linear_ppo_loss against rf.ppo_loss_from_logits on materialised logits (torch GEMM, the fused
+loss, autograd back through the GEMM): median time and the peak extra memory of one call, less the
+gradients of hidden and weight (both produce them). Writes linear_ppo_loss.json and .png into
+benchmarks/results/<device>/ (harness.device_slug; or --out), with the harness's metadata (device
+name, date, commit, versions).
+
+  CPU (default): N=1024, H=512, V=151936 fp32, repetitions interleaved with ``time.perf_counter``;
+      memory is the rise of the process's resident-set high-water mark over one call (approximate).
+      Bars: memory ≤ 1/8 of the materialised path's, time ≤ 1.2×.
+  CUDA (``--device cuda``): N=16384, H=4096, V=151936 bf16 (--N/--H/--V/--dtype override), CUDA
+      events (warm-up calls, then the median of --reps, L2 flushed before each), memory from
+      ``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated`` above what was allocated
+      before the call. Also times the three cuBLAS GEMMs of the same shapes as a baseline (logits =
+      hidden @ W.T [N, V]; grad_hidden = G @ W [N, H]; grad_W = G.T @ hidden [V, H], with a random
+      [N, V] G), and a few chunk sizes (--chunk-sizes). Bars: throughput ≥ 0.9× the three GEMMs'
+      (both do 6·N·H·V FLOPs, so the ratio is t_gemms / t_linear), extra memory ≤ 2 GB.
 """
 from __future__ import annotations
 
@@ -20,7 +31,9 @@ import time
 import torch
 
 import rlhf_fast as rf
-from benchmarks.harness import Bench, Memory, compile_peer, environment, quantiles
+from benchmarks.harness import (DTYPE_NAMES, DTYPES, Bench, Memory, Timer, compile_peer, device_slug, environment,
+                                quantiles)
+from rlhf_fast import _backend
 
 
 def make_inputs(s, dtype, device):
@@ -74,48 +87,101 @@ def _linear(i, backend, chunk_size=None):
     return loss.detach()
 
 
-def compare(N=1024, H=512, V=151936, reps=3, backend="cpu", out_dir=None, plots=True):
-    """The issue-13 bar on the CPU: memory and time of linear_ppo_loss vs materialised logits."""
-    device = "cpu"
+def gemm_baseline(hidden, weight, grad_logits):
+    """The three GEMMs a fused linear loss cannot avoid, in the inputs' dtype (cuBLAS on a GPU):
+    logits = hidden @ W.T [N, V], grad_hidden = G @ W [N, H], grad_W = G.T @ hidden [V, H]."""
+    logits = hidden @ weight.T
+    grad_hidden = grad_logits @ weight
+    grad_weight = grad_logits.T @ hidden
+    return logits, grad_hidden, grad_weight
+
+
+def _backend_name(op, device, backend):
+    """The backend that runs ``op`` on ``device``: ``backend`` itself, or the automatic choice."""
+    if backend is not None:
+        return backend
+    fn = _backend.select(op, torch.device(device))
+    return next(name for name, impl in _backend._registry[op].items() if impl is fn)
+
+
+def _cuda_run(fn, clear, memory, timer, warmup):
+    """Warm-up calls, the peak memory of one call, then the times of timer's repetitions (ms)."""
+    for _ in range(warmup):
+        clear()
+        fn()
+    clear()
+    peak, extra = memory.measure(fn)
+    clear()
+    times = timer(lambda _: fn(), before=clear)
+    clear()
+    return peak, extra, times
+
+
+def compare(N=1024, H=512, V=151936, reps=3, backend="cpu", out_dir=None, plots=True, device="cpu",
+            dtype=torch.float32, chunk_sizes=(None,), gemm=None, warmup=2):
+    """The issue-13 bars: memory and time of linear_ppo_loss vs materialised logits (and, on a GPU or
+    with ``gemm=True``, vs the three GEMMs of the same shapes). ``chunk_sizes``: rows per chunk of each
+    linear_ppo_loss run (None: the default); the first is the one the bars are read from."""
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench_linear_ppo_loss: --device cuda, but torch sees no CUDA device")
+    gemm = cuda if gemm is None else gemm
+    backend = _backend_name("linear_ppo_loss", device, backend)
+    mat_backend = backend if backend in rf.backends_for("ppo_loss_from_logits", device) else None
     torch.manual_seed(0)
-    inp = make_inputs(dict(N=N, H=H, V=V), torch.float32, device)
-    grads_bytes = (N * H + V * H) * 4
+    inp = make_inputs(dict(N=N, H=H, V=V), dtype, device)
+    grads_bytes = (N * H + V * H) * inp["hidden"].element_size()
     memory = Memory(device)
+    timer = Timer(device, budget_s=0.0, min_reps=reps, max_reps=reps) if cuda else None
 
     def clear():
         inp["hidden"].grad = inp["weight"].grad = None
 
-    impls = {"linear_ppo_loss": lambda: _linear(inp, backend),
-             "materialised_logits": lambda: _materialised(inp, backend)}
+    impls = {}
+    for c in chunk_sizes:
+        name = "linear_ppo_loss" if not impls else f"linear_ppo_loss_chunk{c or 'default'}"
+        impls[name] = (lambda c=c: _linear(inp, backend, c))
+    impls["materialised_logits"] = lambda: _materialised(inp, mat_backend)
     runs = {}
     for name, fn in impls.items():
         clear()
-        loss = fn()  # warm-up, and the values compared below
-        g = (inp["hidden"].grad.clone(), inp["weight"].grad.clone())
+        loss = fn()  # warm-up, and the values compared below (those of the headline run and the materialised one)
+        g = (inp["hidden"].grad.clone(), inp["weight"].grad.clone()) if not runs or name == "materialised_logits" \
+            else None
         clear()
-        peak, extra = memory.measure(fn)
+        if cuda:
+            peak, extra, times = _cuda_run(fn, clear, memory, timer, warmup - 1)
+        else:
+            peak, extra = memory.measure(fn)
+            times = []
         clear()
         runs[name] = {"loss": loss.item(), "mem_peak_bytes": peak, "mem_extra_bytes": extra,
                       "mem_extra_less_grads_bytes": None if extra is None else max(0, extra - grads_bytes),
-                      "_grads": g, "_times": []}
-    for _ in range(reps):  # interleaved, so a change in the machine's load hits both alike
+                      "_grads": g, "_times": times}
+        del g
+    for _ in range(0 if cuda else reps):  # interleaved, so a change in the machine's load hits both alike
         for name, fn in impls.items():
             t0 = time.perf_counter()
             fn()
             runs[name]["_times"].append((time.perf_counter() - t0) * 1e3)
             clear()
+    flops = 6 * N * H * V  # the three GEMMs, for every implementation here
     for run in runs.values():
         run["time_ms"] = quantiles(run.pop("_times"))
+        run["tflops"] = flops / (run["time_ms"]["p50"] * 1e-3) / 1e12
     lin, mat = runs["linear_ppo_loss"], runs["materialised_logits"]
-    rel = {k: ((a - b).norm() / b.norm()).item() for k, a, b in zip(("hidden", "weight"), lin.pop("_grads"),
-                                                                     mat.pop("_grads"))}
+    mat_grads = mat.pop("_grads")
+    rel = {k: ((a.double() - b.double()).norm() / b.double().norm()).item()
+           for k, a, b in zip(("hidden", "weight"), lin["_grads"], mat_grads)}
+    for run in runs.values():
+        run.pop("_grads", None)
     from rlhf_fast.ops.linear_ppo_loss import default_chunk_rows
 
     result = {
-        "meta": environment(device), "backend": backend, "shape": dict(N=N, H=H, V=V), "dtype": "float32",
-        "chunk_rows": default_chunk_rows(N, V), "threads": torch.get_num_threads(),
-        "memory_note": memory.note + "; less the gradients of hidden and weight (both produce them): "
-                       f"{grads_bytes} bytes",
+        "meta": environment(device), "backend": backend, "shape": dict(N=N, H=H, V=V),
+        "dtype": DTYPE_NAMES[dtype], "chunk_rows": default_chunk_rows(N, V), "threads": torch.get_num_threads(),
+        "memory_note": memory.note if memory.note else
+        "CUDA: torch.cuda.max_memory_allocated during one call, above the memory allocated before it",
         "logits_plus_grad_bytes": 2 * N * V * 4, "runs": runs,
         "loss_rel_diff": abs(lin["loss"] - mat["loss"]) / abs(mat["loss"]), "grad_rel_diff": rel,
         "memory_ratio": (lin["mem_extra_less_grads_bytes"] / max(1, mat["mem_extra_less_grads_bytes"])
@@ -123,7 +189,26 @@ def compare(N=1024, H=512, V=151936, reps=3, backend="cpu", out_dir=None, plots=
         "time_ratio": lin["time_ms"]["p50"] / mat["time_ms"]["p50"],
         "bars": {"memory_ratio_max": 1 / 8, "time_ratio_max": 1.2},
     }
-    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results", "cpu")
+    result["memory_note"] += ("; less the gradients of hidden and weight (both produce them): "
+                              f"{grads_bytes} bytes")
+    if cuda:
+        result["timing_note"] = (f"CUDA events, {warmup} warm-up call(s), then the median of {reps} "
+                                 "repetitions with the L2 flushed before each")
+    if gemm:
+        del impls, mat_grads
+        result["gemm_baseline"] = _gemm_run(inp, memory, timer, reps, warmup, flops)
+        clear()
+        base = result["gemm_baseline"]
+        base["mem_extra_less_grads_bytes"] = (None if base["mem_extra_bytes"] is None
+                                              else max(0, base["mem_extra_bytes"] - grads_bytes))
+        result["throughput_ratio_vs_3gemm"] = base["time_ms"]["p50"] / lin["time_ms"]["p50"]
+        result["extra_memory_bytes"] = lin["mem_extra_less_grads_bytes"]
+        result["bars"].update(throughput_ratio_vs_3gemm_min=0.9, extra_memory_bytes_max=2 * 10**9)
+        result["bars_met"] = {
+            "throughput_ratio_vs_3gemm": result["throughput_ratio_vs_3gemm"] >= 0.9,
+            "extra_memory_bytes": None if lin["mem_extra_less_grads_bytes"] is None
+            else lin["mem_extra_less_grads_bytes"] <= 2 * 10**9}
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results", device_slug(device))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "linear_ppo_loss.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -132,43 +217,122 @@ def compare(N=1024, H=512, V=151936, reps=3, backend="cpu", out_dir=None, plots=
     return result
 
 
+def _gemm_run(inp, memory, timer, reps, warmup, flops):
+    """The 3-GEMM baseline on the inputs' hidden and weight (no grad), with a random [N, V] G."""
+    h, w = inp["hidden"].detach(), inp["weight"].detach()
+    g = torch.randn(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+
+    def fn():
+        return gemm_baseline(h, w, g)
+
+    if timer is not None:
+        peak, extra, times = _cuda_run(fn, lambda: None, memory, timer, warmup)
+    else:
+        fn()
+        peak, extra = memory.measure(fn)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    t = quantiles(times)
+    return {"what": "hidden @ W.T [N, V]; G @ W [N, H]; G.T @ hidden [V, H] (torch.matmul: cuBLAS on a GPU), "
+                    "in the inputs' dtype, G random [N, V] allocated before the call",
+            "mem_peak_bytes": peak, "mem_extra_bytes": extra, "time_ms": t,
+            "tflops": flops / (t["p50"] * 1e-3) / 1e12}
+
+
 def _plot(result, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["runs"]
+    runs = dict(result["runs"], **({"three_gemms": result["gemm_baseline"]} if "gemm_baseline" in result else {}))
     names = list(runs)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.bar(names, [runs[n]["mem_extra_less_grads_bytes"] / 2**20 for n in names], color=["C0", "C1"])
+    colors = [f"C{i}" for i in range(len(names))]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(4.5 + 1.5 * len(names), 3.5))
+    a.bar(names, [(runs[n]["mem_extra_less_grads_bytes"] or 0) / 2**20 for n in names], color=colors)
     a.set_ylabel("peak extra memory, MiB (less param grads)")
-    b.bar(names, [runs[n]["time_ms"]["p50"] / 1e3 for n in names], color=["C0", "C1"])
-    b.set_ylabel("fwd + bwd, s (median)")
+    ms = max(r["time_ms"]["p50"] for r in runs.values()) < 1e3
+    b.bar(names, [runs[n]["time_ms"]["p50"] / (1 if ms else 1e3) for n in names], color=colors)
+    b.set_ylabel(f"fwd + bwd, {'ms' if ms else 's'} (median)")
     s = result["shape"]
-    fig.suptitle(f"{result['meta'].get('device_name', 'CPU')}, fp32, N={s['N']} H={s['H']} V={s['V']}: "
-                 f"memory x{result['memory_ratio']:.3f}, time x{result['time_ratio']:.2f}", fontsize=9)
+    mem = "n/a" if result["memory_ratio"] is None else f"{result['memory_ratio']:.3f}"
+    title = (f"{result['meta'].get('device_name', 'CPU')}, {result['dtype']}, N={s['N']} H={s['H']} V={s['V']}: "
+             f"vs materialised memory x{mem}, time x{result['time_ratio']:.2f}")
+    if "throughput_ratio_vs_3gemm" in result:
+        title += f"; throughput x{result['throughput_ratio_vs_3gemm']:.2f} of 3 GEMMs"
+    fig.suptitle(title, fontsize=8)
     for ax in (a, b):
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="linear_ppo_loss vs ppo_loss_from_logits on materialised logits (CPU)")
-    ap.add_argument("--N", type=int, default=1024)
-    ap.add_argument("--H", type=int, default=512)
-    ap.add_argument("--V", type=int, default=151936)
-    ap.add_argument("--reps", type=int, default=3)
+# the defaults of each mode: (N, H, V, dtype, reps, chunk sizes)
+DEFAULTS = {"cpu": dict(N=1024, H=512, V=151936, dtype="float32", reps=3, chunk_sizes=[None]),
+            "cuda": dict(N=16384, H=4096, V=151936, dtype="bfloat16", reps=10, chunk_sizes=[None, 1024, 2048])}
+
+
+def _chunks(text):
+    return [None if c in ("default", "0") else int(c) for c in text.split(",")]
+
+
+def parse_args(argv=None):
+    """The command line, with the device's defaults filled in (no GPU needed to parse a CUDA run)."""
+    ap = argparse.ArgumentParser(description="linear_ppo_loss vs ppo_loss_from_logits on materialised logits, "
+                                             "and on a GPU vs three cuBLAS GEMMs")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--N", type=int, default=None, help="tokens (cpu 1024, cuda 16384)")
+    ap.add_argument("--H", type=int, default=None, help="hidden size (cpu 512, cuda 4096)")
+    ap.add_argument("--V", type=int, default=None, help="vocabulary (151936)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="of hidden and weight (cpu float32, "
+                                                                          "cuda bfloat16)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (cpu 3, cuda 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls first (CUDA; the CPU makes one)")
+    ap.add_argument("--backend", default=None, help="rlhf_fast backend (default: cpu on a CPU, the automatic "
+                                                    "choice on a GPU)")
+    ap.add_argument("--chunk-sizes", type=_chunks, default=None,
+                    help="comma-separated rows per chunk, 'default' for the built-in choice; the first is the "
+                         "headline run (cpu: default; cuda: default,1024,2048)")
+    ap.add_argument("--gemm-baseline", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the three GEMMs of the same shapes (default: on a GPU only)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
-    r = compare(a.N, a.H, a.V, a.reps, out_dir=a.out, plots=not a.no_plots)
-    for n, run in r["runs"].items():
-        print(f"{n:22s} {run['time_ms']['p50'] / 1e3:7.2f} s   extra {run['mem_extra_less_grads_bytes'] / 2**20:8.1f} MiB")
-    print(f"memory ratio {r['memory_ratio']:.4f} (bar <= 0.125), time ratio {r['time_ratio']:.3f} (bar <= 1.2); "
-          f"loss rel diff {r['loss_rel_diff']:.1e}, grads {r['grad_rel_diff']}")
+    mode = "cuda" if a.device.startswith("cuda") else "cpu"
+    if mode == "cpu" and a.device != "cpu":
+        ap.error(f"--device must be cpu or cuda[:i], got {a.device!r}")
+    for k, v in DEFAULTS[mode].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.backend is None and mode == "cpu":
+        a.backend = "cpu"
+    if min(a.N, a.H, a.V, a.reps) < 1 or a.warmup < 1:
+        ap.error("--N, --H, --V, --reps and --warmup must be positive")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    r = compare(a.N, a.H, a.V, a.reps, backend=a.backend, out_dir=a.out, plots=not a.no_plots, device=a.device,
+                dtype=DTYPES[a.dtype], chunk_sizes=a.chunk_sizes, gemm=a.gemm_baseline, warmup=a.warmup)
+    print(f"{r['meta']['device_name']}, {r['dtype']}, N={a.N} H={a.H} V={a.V}, backend {r['backend']}, "
+          f"default chunk {r['chunk_rows']} rows")
+    runs = dict(r["runs"], **({"three_gemms": r["gemm_baseline"]} if "gemm_baseline" in r else {}))
+    for n, run in runs.items():
+        less = run.get("mem_extra_less_grads_bytes", run["mem_extra_bytes"])
+        extra = "?" if less is None else f"{less / 2**20:8.1f}"
+        print(f"{n:30s} {run['time_ms']['p50']:10.2f} ms {run['tflops']:8.3g} TFLOP/s   extra {extra} MiB")
+    mem = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.4f}"
+    print(f"vs materialised logits: memory ratio {mem} (bar <= 0.125), time ratio {r['time_ratio']:.3f} "
+          f"(bar <= 1.2); loss rel diff {r['loss_rel_diff']:.1e}, grads {r['grad_rel_diff']}")
+    if "gemm_baseline" in r:
+        ex = r["extra_memory_bytes"]
+        print(f"vs 3 GEMMs: throughput ratio {r['throughput_ratio_vs_3gemm']:.3f} (bar >= 0.9); extra memory "
+              f"{'n/a' if ex is None else f'{ex / 1e9:.2f} GB'} (bar <= 2 GB); bars met: {r['bars_met']}")
     return r
 
 

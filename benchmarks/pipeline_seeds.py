@@ -108,7 +108,8 @@ def markdown(result: dict) -> str:
     for r in result["summary"]:
         lines.append(f"| {r['stage']} | {r['metric']} | {r['mean']:.3f} ± {r['std']:.3f} | "
                      + " / ".join(f"{v:.3f}" for v in r["values"]) + " |")
-    lines.append(f"\nwall time per pipeline: mean {result['wall_s']['mean']:.0f} s, max {result['wall_s']['max']:.0f} s; "
+    w = result["wall_s"]
+    lines.append(f"\nwall time per pipeline: mean {w['mean']:.0f} s, max {w['max']:.0f} s; "
                  f"CPU time (user + sys): mean {result['cpu_s']['mean']:.0f} s, max {result['cpu_s']['max']:.0f} s")
     return "\n".join(lines)
 

@@ -137,7 +137,7 @@ def test_entropy_from_logits_matches_trl(patched, dtype):
 
 
 # ----------------------------------------------------------------------------- a real GRPOTrainer
-def _tiny_grpo(tmp_path, patch: bool, steps=3):
+def _tiny_grpo(tmp_path, patch: bool, steps=3, device="cpu"):
     transformers = pytest.importorskip("transformers")
     datasets = pytest.importorskip("datasets")
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -165,8 +165,8 @@ def _tiny_grpo(tmp_path, patch: bool, steps=3):
 
     args = GRPOConfig(output_dir=str(tmp_path / ("p" if patch else "u")), per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, max_steps=steps, logging_steps=1,
-                      learning_rate=1e-3, report_to="none", use_cpu=True, seed=0, data_seed=0, bf16=False,
-                      save_strategy="no", beta=0.04, dataloader_num_workers=0, disable_tqdm=True)
+                      learning_rate=1e-3, report_to="none", use_cpu=device == "cpu", seed=0, data_seed=0,
+                      bf16=False, save_strategy="no", beta=0.04, dataloader_num_workers=0, disable_tqdm=True)
     ctx = rf_trl.patched() if patch else _nullcontext()
     with ctx:
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,

@@ -65,7 +65,8 @@ class SFTConfig:
     warmup: int = opt(5, "linear warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
     grad_clip: float = opt(1.0, "gradient-norm clip")
-    eval_frac: float = opt(0.1, "fraction of a data file held out for evaluation (0 = none; built-in: held-out countries)")
+    eval_frac: float = opt(0.1, "fraction of a data file held out for evaluation (0 = none; "
+                                "built-in: the held-out countries)")
     save_every: int = opt(100, "steps between resumable checkpoints")
     stop_after: int = opt(0, _STOP)
     seed: int = opt(1235, _SEED)
@@ -74,7 +75,8 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
-    init: str = opt("runs/sft/model.safetensors", f"starting body, a new scalar head on it (InstructGPT: the SFT model): {_INIT}")
+    init: str = opt("runs/sft/model.safetensors",
+                    f"starting body, a new scalar head on it (InstructGPT: the SFT model): {_INIT}")
     data: str = opt("", 'JSONL with {"prompt", "chosen", "rejected"}; "" = the built-in pairs')
     steps: int = opt(150, "optimizer steps")
     batch_size: int = opt(32, "preference pairs per step")

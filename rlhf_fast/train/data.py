@@ -248,7 +248,8 @@ def load_jsonl(path: str, stage: str, tok: CharTokenizer, block_size: int) -> li
     if problems:
         raise DataError(problems, n_more=max(0, n_bad - MAX_REPORTED))
     if not rows:
-        raise DataError([f"{path}: no rows (expected one JSON object per line with fields {', '.join(STAGE_FIELDS[stage])})"])
+        need = ", ".join(STAGE_FIELDS[stage])
+        raise DataError([f"{path}: no rows (expected one JSON object per line with fields {need})"])
     return rows
 
 
