@@ -19,7 +19,10 @@ kernel that chooses a path at run time (a vector loop for aligned rows, a scalar
 has several such loops: all are listed in the record's ``loading_loops``, and the hot one is the
 one moving the most bytes per iteration, which for an unrolled scalar fallback can be that one.
 Elements per thread per iteration: for the logits-row kernels, the bytes its global loads read over
-the logit size (counts any unrolling); for the other kernels the BLOCK* constexprs over the threads.
+the logit size (counts any unrolling) — for the CUDA forward's off-boundary loops less the second
+16-byte pack of each group that straddles a boundary (``straddle_loads``), cross-checked by the count
+of MUFU.EX2 (one per element, plus one rebase per group in a forward: ``exp2_per_iter``); for the
+other kernels the BLOCK* constexprs over the threads.
 A kernel with no loop is profiled as straight-line code (its whole body).
 
 Writes <out>/sm_<arch>.json (a list of records) and <out>/sm_<arch>.md. Compiled artefacts are
@@ -243,6 +246,35 @@ def hot_loop(instrs: list[Instr]) -> Loop | None:
     return max(cands, key=lambda lp: (lp.load_bytes, len(lp.body))) if cands else None
 
 
+_ADDR_RE = re.compile(r"\[(R\d+)\.64(?:\+0x([0-9a-f]+))?\]")
+
+
+def straddle_loads(lp: Loop) -> int:
+    """16-byte loads of a loop that read the second aligned pack of a group straddling a 16-byte boundary: a
+    128-bit load at base+k+16 beside one at base+k off the same address register (csrc/row_math.cuh,
+    load_group). They bring no new elements: the group's elements are in the pair."""
+    at = {}
+    for i in lp.loads:
+        m = _ADDR_RE.search(i.text)
+        if m and access_bits(i.op) == 128:
+            at.setdefault(m.group(1), set()).add(int(m.group(2) or "0", 16))
+    return sum(1 for offs in at.values() for k in offs if k - 16 in offs)
+
+
+def cuda_row_elements(lp: Loop, itemsize: int) -> float | None:
+    """Elements one thread folds in per iteration of a CUDA row loop: bytes loaded / element size, less the
+    straddling second packs."""
+    if not lp.loads:
+        return None
+    return (lp.load_bytes - 16 * straddle_loads(lp)) / itemsize
+
+
+def exp_count(lp: Loop) -> int:
+    """MUFU.EX2 in a loop: one per element, plus one per group for the forward's rebase (a cross-check of
+    the element count)."""
+    return sum(1 for i in lp.body if i.op.startswith("MUFU.EX2"))
+
+
 def occupancy(arch: int, regs: int, threads: int, smem: int) -> dict:
     """Theoretical blocks and warps per SM (CUDA occupancy calculator rules) for one block size."""
     a = ARCHS[arch]
@@ -273,14 +305,15 @@ def loop_metrics(instrs: list[Instr], elems_per_thread) -> dict:
     e = elems_per_thread(lp)
     # every loop that loads, for kernels that pick a path at run time (e.g. vector body vs scalar fallback)
     loading = [dict(span=f"{x.start:#x}-{x.end:#x}", instructions=len(x.body), load_bytes=x.load_bytes,
-                    load_widths=sorted({access_bits(i.op) for i in x.loads})) for x in loops_of(instrs) if x.loads]
+                    load_widths=sorted({access_bits(i.op) for i in x.loads}), elements=elems_per_thread(x),
+                    exp2=exp_count(x)) for x in loops_of(instrs) if x.loads]
     return dict(hot_loop=kind, hot_loop_span=f"{lp.start:#x}-{lp.end:#x}", hot_loop_instructions=len(lp.body),
                 loading_loops=loading,
                 load_bits=min((access_bits(i.op) for i in loads), default=None),
                 store_bits=min((access_bits(i.op) for i in stores), default=None),
                 load_widths=sorted({access_bits(i.op) for i in loads}),
                 loads_per_iter=len(loads), stores_per_iter=len(stores),
-                elements_per_thread_iter=e,
+                elements_per_thread_iter=e, exp2_per_iter=exp_count(lp),
                 sass_per_element=round(len(lp.body) / e, 2) if e else None)
 
 
@@ -625,7 +658,7 @@ def cuda_records(arch: int, jobs: int) -> list[dict]:
             base = name.split("<")[0]
             is_row = base in ("logprobs_fwd_kernel", "logprobs_bwd_kernel", "fl_rows_kernel", "fl_bwd_kernel")
             itemsize = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}.get(dtype or "", 4)
-            m = loop_metrics(instrs, lambda lp: lp.load_bytes / itemsize if lp.loads else None)
+            m = loop_metrics(instrs, lambda lp: cuda_row_elements(lp, itemsize))
             stage = "bwd" if "bwd" in base else "fwd"
             # a row kernel's block follows V (threads_for): one record per vocabulary; V and the row stride
             # are runtime arguments, so its SASS is the same for every V and stride (head/tail peeled at run time)

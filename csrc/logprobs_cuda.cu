@@ -1,10 +1,11 @@
 // logprobs on CUDA, the math of logprobs_cpu.cpp (logits [N, V] or [B, T, V], any leading strides:
-// logits_layout.h). Forward: one block per row (grid-stride over rows,
-// 1-D grid), one read of the row with 128-bit loads (8 bf16/fp16, 4 fp32, 2 fp64 per thread), each
-// thread keeping an online (max m, s = Σ e^{z-m}, t = Σ e^{z-m}(z-m)) triple, merged by warp shuffles
-// and then across warps through shared memory in a fixed order (deterministic). Backward: one read and
-// one write per element, p recomputed from the saved logsumexp; optionally into the logits buffer.
-// Row helpers (online triple, merges, packs, per-element gradient): logprobs_row_cuda.cuh.
+// logits_layout.h). Forward: one block per row (or per span of a row, for long rows: row_split, so that a
+// small N still fills the GPU; grid-stride over the items, 1-D grid), one read of the row with
+// 128-bit loads for any V and row stride (8 bf16/fp16, 4 fp32, 2 fp64 per thread), each thread keeping
+// a running (max, sum-exp, Σ e·(x - max)) triple over 16-byte groups of the row's columns, merged by warp
+// shuffles and then across warps in a fixed order (deterministic, batch invariant); the label's logit is
+// read once. Backward: one read and one write per element, p recomputed from the saved logsumexp,
+// optionally into the logits buffer. Per-thread work: row_math.cuh; block merges: logprobs_row_cuda.cuh.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -24,51 +25,58 @@
 namespace rlhf_fast {
 namespace {
 
+// Items (row r, span k) over a 1-D grid; a row of `split` spans is merged by its last block (split_merge).
 template <typename scalar_t>
 __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, RowLayout L, const int64_t* __restrict__ labels,
                                     acc_type<scalar_t>* __restrict__ logp, acc_type<scalar_t>* __restrict__ entropy,
                                     acc_type<scalar_t>* __restrict__ lse, acc_type<scalar_t> inv_t,
-                                    int64_t ignore_index) {
+                                    int64_t ignore_index, int split, acc_type<scalar_t>* part, unsigned* count) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t sm[32], ss[32], stt[32];
-  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
+  const acc_t c = inv_t * acc_t(row::kLog2e);
+  for (int64_t item = blockIdx.x; item < L.N * split; item += gridDim.x) {
+    const int64_t r = item / split;
+    const int k = static_cast<int>(item % split);
     const int64_t label = labels[r];
     // both skips are uniform over the block: no barrier is skipped by part of it
     if (label == ignore_index) {
-      if (threadIdx.x == 0) logp[r] = entropy[r] = lse[r] = acc_t(0);
+      if (threadIdx.x == 0 && k == 0) logp[r] = entropy[r] = lse[r] = acc_t(0);
       continue;
     }
     if (!label_in_row(label, L.V)) {  // out of range (no host check ran): NaN, the row not read
-      if (threadIdx.x == 0) logp[r] = entropy[r] = lse[r] = std::numeric_limits<acc_t>::quiet_NaN();
+      if (threadIdx.x == 0 && k == 0) logp[r] = entropy[r] = lse[r] = std::numeric_limits<acc_t>::quiet_NaN();
       continue;
     }
     const scalar_t* row = x + L.offset(r);
-    const Triple<acc_t> st = block_row_triple(row, L.V, inv_t, sm, ss, stt);
-    if (threadIdx.x == 0) {
-      const acc_t log_s = d_log(st.s);
-      logp[r] = (static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s;
-      entropy[r] = log_s - st.t / st.s;
-      lse[r] = st.m * inv_t + log_s;
+    Triple<acc_t> st = block_row_triple(row, L.V, c, k, split, sm, ss, stt);
+    if (split_merge(st, part + r * split * 3, count + r, k, split, c) && threadIdx.x == 0) {
+      const row::RowOut<acc_t> o = row::row_outputs(st, static_cast<acc_t>(row[label]), inv_t);  // label read once
+      logp[r] = o.logp;
+      entropy[r] = o.entropy;
+      lse[r] = o.lse(inv_t);
     }
   }
 }
 
 // `out` may alias `x` (in-place backward): every element is read before it is written, by one thread.
+// Items (row r, span k) as in the forward.
 template <typename scalar_t>
-__global__ void logprobs_bwd_kernel(const scalar_t* x, RowLayout L, scalar_t* out, RowLayout OL,
+__global__ void __launch_bounds__(512, kBwdBlocksPerSm<scalar_t>) logprobs_bwd_kernel(const scalar_t* x, RowLayout L, scalar_t* out, RowLayout OL,
                                     const int64_t* __restrict__ labels, const acc_type<scalar_t>* __restrict__ g_lp,
                                     const acc_type<scalar_t>* __restrict__ g_ent,
                                     const acc_type<scalar_t>* __restrict__ lse,
                                     const acc_type<scalar_t>* __restrict__ entropy, acc_type<scalar_t> inv_t,
-                                    int64_t ignore_index) {
+                                    int64_t ignore_index, int split) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < L.N * split; item += gridDim.x) {
+    const int64_t r = item / split;
+    const int k = static_cast<int>(item % split);
     const int64_t label = labels[r];
     const bool skip = label == ignore_index || !label_in_row(label, L.V);  // 0 or NaN rows, not read
     const acc_t a = skip ? acc_t(0) : g_lp[r] * inv_t, b = skip || !g_ent ? acc_t(0) : g_ent[r] * inv_t;
     const acc_t l = skip ? acc_t(0) : lse[r], h = skip ? acc_t(0) : entropy[r];
-    block_row_grad(x + L.offset(r), out + OL.offset(r), L.V, label, label == ignore_index, a, b, acc_t(0), l, h,
-                   inv_t);
+    row::thread_row_grad<false>(x + L.offset(r), out + OL.offset(r), L.V, label, label == ignore_index,
+                                row::grad_row(a, b, acc_t(0), l, h, inv_t), a, k, split, threadIdx.x, blockDim.x);
   }
 }
 
@@ -94,9 +102,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    logprobs_fwd_kernel<scalar_t><<<blocks_for(N), threads_for(V), 0, stream>>>(
+    const int split = row::row_split<scalar_t>(V, threads_for(V));
+    // the spans' partial triples and a per-row arrival count (zeroed): only for rows split over blocks
+    at::Tensor part = at::empty({split > 1 ? N * split * 3 : 0}, opts),
+               count = at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt));
+    logprobs_fwd_kernel<scalar_t><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
         logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), static_cast<acc_t>(inv_temperature), ignore_index);
+        lse.data_ptr<acc_t>(), static_cast<acc_t>(inv_temperature), ignore_index, split, part.data_ptr<acc_t>(),
+        reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {logp, entropy, lse};
@@ -128,10 +141,11 @@ void logprobs_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& grad_logp,
     TORCH_CHECK(glp.scalar_type() == acc_st && ls.scalar_type() == acc_st && ent.scalar_type() == acc_st &&
                     (!has_gent || gent.scalar_type() == acc_st),
                 "grad_logp, grad_entropy, lse, entropy must be ", acc_st, " for ", logits.scalar_type(), " logits");
-    logprobs_bwd_kernel<scalar_t><<<blocks_for(N), threads_for(V), 0, stream>>>(
+    const int split = row::row_split<scalar_t>(V, threads_for(V));
+    logprobs_bwd_kernel<scalar_t><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
         logits.data_ptr<scalar_t>(), L, grad.data_ptr<scalar_t>(), OL, lab.data_ptr<int64_t>(), glp.data_ptr<acc_t>(),
         has_gent ? gent.data_ptr<acc_t>() : nullptr, ls.data_ptr<acc_t>(), ent.data_ptr<acc_t>(),
-        static_cast<acc_t>(inv_temperature), ignore_index);
+        static_cast<acc_t>(inv_temperature), ignore_index, split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

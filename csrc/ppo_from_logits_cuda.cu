@@ -1,7 +1,7 @@
 // ppo_loss_from_logits on CUDA, the math of ppo_from_logits_cpu.cpp. Forward, all deterministic (fixed
 // reduction orders, no atomics):
-//   1. one block per row: one read of the logits with 16-byte loads (the online triple of
-//      logprobs_row_cuda.cuh) -> logp, entropy and the two-part lse, per token;
+//   1. one block per row (or per span of a long row, merged by the row's last block: small N fills the GPU): one read of the logits with 16-byte loads for any V and row stride (the running
+//      triple of row_math.cuh) -> logp, entropy and the two-part lse, per token;
 //   2. one block per segment (row of T for the seq-mean aggs, 4096-token chunk for token-mean): the
 //      PPO / KL / entropy terms (ppo_from_logits_math.h) and the segment's sums in double;
 //   3. one block: totals, loss and statistics, and each segment's d loss / d token;
@@ -29,29 +29,34 @@ namespace {
 constexpr int kThreads = 256;  // token-pass kernels: multiple of 32, at most 1024 (block_sum)
 constexpr int64_t kIgnore = -100;
 
+// Items (row r, span k) over a 1-D grid; a row of `split` spans is merged by its last block (split_merge).
 template <typename scalar_t, typename T>
 __global__ void fl_rows_kernel(const scalar_t* __restrict__ x, RowLayout L, const int64_t* __restrict__ labels,
-                               T* __restrict__ sv, acc_type<scalar_t> inv_t) {
+                               T* __restrict__ sv, acc_type<scalar_t> inv_t, int split, acc_type<scalar_t>* part,
+                               unsigned* count) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t sm[32], ss[32], stt[32];
-  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
+  const acc_t c = inv_t * acc_t(row::kLog2e);
+  for (int64_t item = blockIdx.x; item < L.N * split; item += gridDim.x) {
+    const int64_t r = item / split;
+    const int k = static_cast<int>(item % split);
     T* col = sv + r * kFlCols;
     const int64_t label = labels[r];
     // uniform over the block: no barrier is skipped by part of it. Not read: ignored rows (0) and rows
     // whose label is out of range (NaN; no host check ran)
     if (label == kIgnore || !label_in_row(label, L.V)) {
-      if (threadIdx.x == 0)
+      if (threadIdx.x == 0 && k == 0)
         col[0] = col[2] = col[3] = col[4] = label == kIgnore ? T(0) : std::numeric_limits<T>::quiet_NaN();
       continue;
     }
     const scalar_t* row = x + L.offset(r);
-    const Triple<acc_t> st = block_row_triple(row, L.V, inv_t, sm, ss, stt);
-    if (threadIdx.x == 0) {
-      const acc_t log_s = d_log(st.s);
-      col[0] = static_cast<T>((static_cast<acc_t>(row[label]) - st.m) * inv_t - log_s);  // logp until pass 2
-      col[2] = static_cast<T>(st.m);
-      col[3] = static_cast<T>(log_s);
-      col[4] = static_cast<T>(log_s - st.t / st.s);
+    Triple<acc_t> st = block_row_triple(row, L.V, c, k, split, sm, ss, stt);
+    if (split_merge(st, part + r * split * 3, count + r, k, split, c) && threadIdx.x == 0) {
+      const row::RowOut<acc_t> o = row::row_outputs(st, static_cast<acc_t>(row[label]), inv_t);  // label read once
+      col[0] = static_cast<T>(o.logp);  // until pass 2
+      col[2] = static_cast<T>(o.m);
+      col[3] = static_cast<T>(o.log_s);
+      col[4] = static_cast<T>(o.entropy);
     }
   }
 }
@@ -117,18 +122,21 @@ __global__ void fl_scale_kernel(T* __restrict__ sv, const int64_t* __restrict__ 
 
 // grad_logits = G·(g_lp·(onehot - p) - g_ent·p·(log p + H)) / T, `out` in the layout OL (grad_like).
 template <typename scalar_t, typename T>
-__global__ void fl_bwd_kernel(const scalar_t* __restrict__ x, RowLayout L, scalar_t* __restrict__ out, RowLayout OL,
+__global__ void __launch_bounds__(512, kBwdBlocksPerSm<scalar_t>) fl_bwd_kernel(const scalar_t* __restrict__ x, RowLayout L, scalar_t* __restrict__ out, RowLayout OL,
                               const int64_t* __restrict__ labels, const T* __restrict__ sv,
-                              const T* __restrict__ grad_loss, acc_type<scalar_t> inv_t) {
+                              const T* __restrict__ grad_loss, acc_type<scalar_t> inv_t, int split) {
   using acc_t = acc_type<scalar_t>;
   const double G = static_cast<double>(grad_loss[0]);
-  for (int64_t r = blockIdx.x; r < L.N; r += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < L.N * split; item += gridDim.x) {
+    const int64_t r = item / split;
+    const int k = static_cast<int>(item % split);
     const int64_t label = labels[r];
     const T* col = sv + r * kFlCols;  // zeros for ignored rows, whose coefficients are not used
     const acc_t a = static_cast<acc_t>(G * static_cast<double>(col[0]) * static_cast<double>(inv_t)),
                 b = static_cast<acc_t>(G * static_cast<double>(col[1]) * static_cast<double>(inv_t)),
                 shift = static_cast<acc_t>(col[2]), log_s = static_cast<acc_t>(col[3]), h = static_cast<acc_t>(col[4]);
-    block_row_grad(x + L.offset(r), out + OL.offset(r), L.V, label, label == kIgnore, a, b, shift, log_s, h, inv_t);
+    row::thread_row_grad<true>(x + L.offset(r), out + OL.offset(r), L.V, label, label == kIgnore,
+                               row::grad_row(a, b, shift, log_s, h, inv_t), a, k, split, threadIdx.x, blockDim.x);
   }
 }
 
@@ -160,8 +168,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cuda(
     if (N > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_rows", [&] {
         using acc_t = acc_type<scalar_t>;
-        fl_rows_kernel<scalar_t, T><<<blocks_for(N), threads_for(V), 0, stream>>>(
-            logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), sv, static_cast<acc_t>(inv_temperature));
+        const int split = row::row_split<scalar_t>(V, threads_for(V));
+        at::Tensor part = at::empty({split > 1 ? N * split * 3 : 0}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value)),
+                   count = at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt));
+        fl_rows_kernel<scalar_t, T><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
+            logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), sv, static_cast<acc_t>(inv_temperature), split,
+            part.data_ptr<acc_t>(), reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       auto launch = [&](auto* mask_ptr) {
@@ -209,9 +221,10 @@ at::Tensor ppo_from_logits_bwd_cuda(const at::Tensor& grad_loss, const at::Tenso
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_bwd_rows", [&] {
       using acc_t = acc_type<scalar_t>;
-      fl_bwd_kernel<scalar_t, T><<<blocks_for(N), threads_for(V), 0, stream>>>(
+      const int split = row::row_split<scalar_t>(V, threads_for(V));
+      fl_bwd_kernel<scalar_t, T><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
           logits.data_ptr<scalar_t>(), L, grad.data_ptr<scalar_t>(), OL, lab.data_ptr<int64_t>(), sv.data_ptr<T>(),
-          g.data_ptr<T>(), static_cast<acc_t>(inv_temperature));
+          g.data_ptr<T>(), static_cast<acc_t>(inv_temperature), split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
