@@ -19,7 +19,9 @@ kernel that chooses a path at run time (a vector loop for aligned rows, a scalar
 has several such loops: all are listed in the record's ``loading_loops``, and the hot one is the
 one moving the most bytes per iteration, which for an unrolled scalar fallback can be that one.
 Elements per thread per iteration: for the logits-row kernels, the bytes its global loads read over
-the logit size (counts any unrolling); for the other kernels the BLOCK* constexprs over the threads.
+the logit size (counts any unrolling; for the Triton ones a group read from the two 16-byte packs it
+straddles counts once, see ``grouped_load_bytes``); for the other kernels the BLOCK* constexprs over
+the threads.
 A kernel with no loop is profiled as straight-line code (its whole body).
 
 Writes <out>/sm_<arch>.json (a list of records) and <out>/sm_<arch>.md. Compiled artefacts are
@@ -228,6 +230,43 @@ class Loop:
     @property
     def load_bytes(self):
         return sum(access_bits(i.op) for i in self.loads) // 8
+
+
+_ADDR_RE = re.compile(r"\[(R\d+)(?:\.64)?\s*(?:\+\s*(-?0x[0-9a-f]+))?\s*\]\s*$")
+
+
+def load_address(text: str) -> tuple[str, int] | None:
+    """(base register, immediate offset) of a global load's address: 'LDG.E.64 R2, desc[UR8][R24.64+-0x800] ;'
+    -> ('R24', -0x800); None where the address is not register + immediate."""
+    m = _ADDR_RE.search(text.split(";")[0].rstrip())
+    return (m.group(1), int(m.group(2) or "0", 16)) if m else None
+
+
+def grouped_load_bytes(loop: Loop, pack: int = 16) -> int:
+    """The loop's global-load bytes with straddled groups counted once: a Triton forward row off a 16-byte boundary
+    reads each 16-byte group from the two aligned packs it straddles, and ptxas trims each load to the words the
+    group uses; two loads off one base register in adjacent packs, together under 2·pack bytes, are one group
+    (pack bytes). Whole-pack pairs and other loads count their own bytes."""
+    by_base: dict[str, list[tuple[int, int]]] = {}
+    total = 0
+    for i in loop.loads:
+        a = load_address(i.text)
+        if a is None:
+            total += access_bits(i.op) // 8
+        else:
+            by_base.setdefault(a[0], []).append((a[1], access_bits(i.op) // 8))
+    for accesses in by_base.values():
+        accesses.sort()
+        k = 0
+        while k < len(accesses):
+            (o1, b1), nxt = accesses[k], accesses[k + 1] if k + 1 < len(accesses) else None
+            if nxt and nxt[0] // pack == o1 // pack + 1 and b1 + nxt[1] < 2 * pack:
+                total += pack
+                k += 2
+            else:
+                total += b1
+                k += 1
+    return total
 
 
 def loops_of(instrs: list[Instr]) -> list[Loop]:
@@ -472,7 +511,7 @@ def triton_records(arch: int, jobs: int) -> list[dict]:
 
         def elems(loop, lc=lc, threads=threads):
             if is_row and loop.loads:
-                return loop.load_bytes / itemsize
+                return grouped_load_bytes(loop) / itemsize
             return lc.block / threads if lc.block else None
 
         rec = dict(kernel=lc.kernel, backend="triton", op=lc.op, row_kernel=is_row, stage=lc.stage, dtype=lc.dtype,

@@ -75,10 +75,14 @@ def _select(records, case):
 # Known failures of today's kernels (sm_90, measured by this profile): the reason, or None where it passes.
 # The Triton row kernels (issue 11 part 2: ops/logprobs.py, ops/ppo_loss_from_logits.py) meet every bar but one:
 # the forwards group a row's columns in the row's own index space (batch invariance: a row's bits must not depend
-# on its address), so a row that does not start on a 16-byte boundary reads those groups with narrower loads;
-# the backwards are elementwise and read an aligned body with a masked head/tail for any V and row stride.
+# on its address), so in a row that does not start on a 16-byte boundary each group straddles two aligned packs;
+# it is read from both (two loads per group, each inside one aligned pack) and cut out in registers, and ptxas
+# trims the two loads to the words the group uses: 16- to 128-bit pieces, not two whole 128-bit packs.
+# The backwards are elementwise and read an aligned body with a masked head/tail for any V and row stride.
 _FWD_OFF_BOUNDARY = ("forward: index-space groups of 16 bytes (batch invariance) are read with scalar loads in rows "
                      "that do not start on a 16-byte boundary; the profile's hot loop is that fallback")
+_TRITON_FWD_STRADDLE = ("forward: in rows off a 16-byte boundary each index-space group of 16 bytes (batch "
+                        "invariance) straddles two aligned packs, read as two loads trimmed by ptxas to the words used")
 
 
 def _known_narrow(backend, op, stage, dt, V, lay):
@@ -87,7 +91,7 @@ def _known_narrow(backend, op, stage, dt, V, lay):
     if backend == "triton" and stage == "fwd":
         stride = V + 3 if lay == "sliced" else V
         if stride % (16 // (2 if dt == "bfloat16" else 4)):
-            return f"Triton {op} {_FWD_OFF_BOUNDARY} (row stride {stride})"
+            return f"Triton {op} {_TRITON_FWD_STRADDLE} (row stride {stride})"
     return None
 
 
@@ -227,6 +231,31 @@ ptxas info    : Used 16 registers, used 1 barriers, 384 bytes smem, 360 bytes cm
     assert (m["load_bits"], m["store_bits"], m["sass_per_element"]) == (128, 64, 0.5)
     assert [sp.access_bits(o) for o in ("LDG.E", "LDG.E.64", "LDG.E.S8", "STG.E.U16", "LDG.E.128.CONSTANT")] == \
         [32, 64, 8, 16, 128]
+
+
+def test_straddled_groups_count_once():
+    """A Triton forward row off a 16-byte boundary reads each 16-byte group from the two aligned packs it straddles;
+    ptxas trims each load to the words the group uses. Two such loads off one base register in adjacent packs are one
+    group (16 bytes); whole packs and loads in packs apart count their own bytes."""
+    sass = """
+		Function : k
+        /*0000*/                   LDG.E.128 R8, desc[UR8][R24.64+-0x810] ;
+        /*0010*/                   LDG.E.128 R12, desc[UR8][R24.64+-0x10] ;
+        /*0020*/                   LDG.E.64 R20, desc[UR8][R24.64+-0x800] ;
+        /*0030*/                   LDG.E.64 R22, desc[UR8][R24.64] ;
+        /*0040*/                   LDG.E.U16 R26, desc[UR8][R30.64+-0x2] ;
+        /*0050*/                   LDG.E.128 R4, desc[UR8][R30.64] ;
+        /*0060*/                   LDG.E.128 R16, desc[UR8][R30.64+0x800] ;
+        /*0070*/                   LDG.E.128 R16, desc[UR8][R30.64+0x810] ;
+        /*0080*/                   IADD3 R24, P1, R24, 0x1000, RZ ;
+        /*0090*/               @P0 BRA 0x0 ;
+"""
+    (instrs,) = sp.parse_sass(sass).values()
+    lp = sp.hot_loop(instrs)
+    assert lp.load_bytes == 16 + 16 + 8 + 8 + 2 + 16 + 16 + 16
+    # (-0x810, -0x800) and (-0x10, 0) off R24: two groups; (-0x2, 0) off R30: one; 0x800 and 0x810: two whole packs
+    assert sp.grouped_load_bytes(lp) == 16 + 16 + 16 + 32
+    assert [sp.load_address(i.text) for i in lp.loads[:2]] == [("R24", -0x810), ("R24", -0x10)]
 
 
 TINY_CU = r"""
