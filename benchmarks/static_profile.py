@@ -19,10 +19,11 @@ kernel that chooses a path at run time (a vector loop for aligned rows, a scalar
 has several such loops: all are listed in the record's ``loading_loops``, and the hot one is the
 one moving the most bytes per iteration, which for an unrolled scalar fallback can be that one.
 Elements per thread per iteration: for the logits-row kernels, the bytes its global loads read over
-the logit size (counts any unrolling) — for the CUDA forward's off-boundary loops less the second
-16-byte pack of each group that straddles a boundary (``straddle_loads``), cross-checked by the count
-of MUFU.EX2 (one per element, plus one rebase per group in a forward: ``exp2_per_iter``); for the
-other kernels the BLOCK* constexprs over the threads.
+the logit size (counts any unrolling), with a group read from the two aligned 16-byte packs it
+straddles (a row off a 16-byte boundary; ptxas trims each load to the words used) counted once, see
+``grouped_load_bytes``; for the CUDA row kernels cross-checked by the count of MUFU.EX2 (one per
+element, plus one rebase per group in a forward: ``exp2_per_iter``); for the other kernels the BLOCK*
+constexprs over the threads.
 A kernel with no loop is profiled as straight-line code (its whole body).
 
 Writes <out>/sm_<arch>.json (a list of records) and <out>/sm_<arch>.md. Compiled artefacts are
@@ -233,6 +234,43 @@ class Loop:
         return sum(access_bits(i.op) for i in self.loads) // 8
 
 
+_ADDR_RE = re.compile(r"\[(R\d+)(?:\.64)?\s*(?:\+\s*(-?0x[0-9a-f]+))?\s*\]\s*$")
+
+
+def load_address(text: str) -> tuple[str, int] | None:
+    """(base register, immediate offset) of a global load's address: 'LDG.E.64 R2, desc[UR8][R24.64+-0x800] ;'
+    -> ('R24', -0x800); None where the address is not register + immediate."""
+    m = _ADDR_RE.search(text.split(";")[0].rstrip())
+    return (m.group(1), int(m.group(2) or "0", 16)) if m else None
+
+
+def grouped_load_bytes(loop: Loop, pack: int = 16) -> int:
+    """The loop's global-load bytes with straddled groups counted once: a Triton forward row off a 16-byte boundary
+    reads each 16-byte group from the two aligned packs it straddles, and ptxas trims each load to the words the
+    group uses; two loads off one base register in adjacent packs, together under 2·pack bytes, are one group
+    (pack bytes). Whole-pack pairs and other loads count their own bytes."""
+    by_base: dict[str, list[tuple[int, int]]] = {}
+    total = 0
+    for i in loop.loads:
+        a = load_address(i.text)
+        if a is None:
+            total += access_bits(i.op) // 8
+        else:
+            by_base.setdefault(a[0], []).append((a[1], access_bits(i.op) // 8))
+    for accesses in by_base.values():
+        accesses.sort()
+        k = 0
+        while k < len(accesses):
+            (o1, b1), nxt = accesses[k], accesses[k + 1] if k + 1 < len(accesses) else None
+            if nxt and nxt[0] // pack == o1 // pack + 1 and b1 + nxt[1] < 2 * pack:
+                total += pack
+                k += 2
+            else:
+                total += b1
+                k += 1
+    return total
+
+
 def loops_of(instrs: list[Instr]) -> list[Loop]:
     """Innermost loops: back-edges (a branch to an address at or before itself) not containing another."""
     spans = [(i.target, i.addr) for i in instrs if i.target is not None and i.target <= i.addr]
@@ -246,27 +284,12 @@ def hot_loop(instrs: list[Instr]) -> Loop | None:
     return max(cands, key=lambda lp: (lp.load_bytes, len(lp.body))) if cands else None
 
 
-_ADDR_RE = re.compile(r"\[(R\d+)\.64(?:\+0x([0-9a-f]+))?\]")
-
-
-def straddle_loads(lp: Loop) -> int:
-    """16-byte loads of a loop that read the second aligned pack of a group straddling a 16-byte boundary: a
-    128-bit load at base+k+16 beside one at base+k off the same address register (csrc/row_math.cuh,
-    load_group). They bring no new elements: the group's elements are in the pair."""
-    at = {}
-    for i in lp.loads:
-        m = _ADDR_RE.search(i.text)
-        if m and access_bits(i.op) == 128:
-            at.setdefault(m.group(1), set()).add(int(m.group(2) or "0", 16))
-    return sum(1 for offs in at.values() for k in offs if k - 16 in offs)
-
-
 def cuda_row_elements(lp: Loop, itemsize: int) -> float | None:
-    """Elements one thread folds in per iteration of a CUDA row loop: bytes loaded / element size, less the
-    straddling second packs."""
+    """Elements one thread folds in per iteration of a CUDA row loop: bytes loaded / element size, a group read
+    from the two packs it straddles counted once (grouped_load_bytes)."""
     if not lp.loads:
         return None
-    return (lp.load_bytes - 16 * straddle_loads(lp)) / itemsize
+    return grouped_load_bytes(lp) / itemsize
 
 
 def exp_count(lp: Loop) -> int:
@@ -305,7 +328,8 @@ def loop_metrics(instrs: list[Instr], elems_per_thread) -> dict:
     e = elems_per_thread(lp)
     # every loop that loads, for kernels that pick a path at run time (e.g. vector body vs scalar fallback)
     loading = [dict(span=f"{x.start:#x}-{x.end:#x}", instructions=len(x.body), load_bytes=x.load_bytes,
-                    load_widths=sorted({access_bits(i.op) for i in x.loads}), elements=elems_per_thread(x),
+                    load_widths=sorted({access_bits(i.op) for i in x.loads}), loads=len(x.loads),
+                    grouped_bytes=grouped_load_bytes(x), elements=elems_per_thread(x),
                     exp2=exp_count(x)) for x in loops_of(instrs) if x.loads]
     return dict(hot_loop=kind, hot_loop_span=f"{lp.start:#x}-{lp.end:#x}", hot_loop_instructions=len(lp.body),
                 loading_loops=loading,
@@ -505,7 +529,7 @@ def triton_records(arch: int, jobs: int) -> list[dict]:
 
         def elems(loop, lc=lc, threads=threads):
             if is_row and loop.loads:
-                return loop.load_bytes / itemsize
+                return grouped_load_bytes(loop) / itemsize
             return lc.block / threads if lc.block else None
 
         rec = dict(kernel=lc.kernel, backend="triton", op=lc.op, row_kernel=is_row, stage=lc.stage, dtype=lc.dtype,

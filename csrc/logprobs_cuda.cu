@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -49,7 +50,7 @@ __global__ void logprobs_fwd_kernel(const scalar_t* __restrict__ x, RowLayout L,
     }
     const scalar_t* row = x + L.offset(r);
     Triple<acc_t> st = block_row_triple(row, L.V, c, k, split, sm, ss, stt);
-    if (split_merge(st, part + r * split * 3, count + r, k, split, c) && threadIdx.x == 0) {
+    if (split_merge(st, part + r * split * 3, count + r, k, split, c, sm, ss, stt) && threadIdx.x == 0) {
       const row::RowOut<acc_t> o = row::row_outputs(st, static_cast<acc_t>(row[label]), inv_t);  // label read once
       logp[r] = o.logp;
       entropy[r] = o.entropy;
@@ -106,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
     // the spans' partial triples and a per-row arrival count (zeroed): only for rows split over blocks
     at::Tensor part = at::empty({split > 1 ? N * split * 3 : 0}, opts),
                count = at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt));
-    logprobs_fwd_kernel<scalar_t><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
+    const unsigned grid = blocks_for_rows(N, split);
+    logprobs_fwd_kernel<scalar_t><<<grid, threads_for(V), 0, stream>>>(
         logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(),
         lse.data_ptr<acc_t>(), static_cast<acc_t>(inv_temperature), ignore_index, split, part.data_ptr<acc_t>(),
         reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()));
@@ -142,7 +144,8 @@ void logprobs_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& grad_logp,
                     (!has_gent || gent.scalar_type() == acc_st),
                 "grad_logp, grad_entropy, lse, entropy must be ", acc_st, " for ", logits.scalar_type(), " logits");
     const int split = row::row_split<scalar_t>(V, threads_for(V));
-    logprobs_bwd_kernel<scalar_t><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
+    const unsigned grid = blocks_for_rows(N, split);
+    logprobs_bwd_kernel<scalar_t><<<grid, threads_for(V), 0, stream>>>(
         logits.data_ptr<scalar_t>(), L, grad.data_ptr<scalar_t>(), OL, lab.data_ptr<int64_t>(), glp.data_ptr<acc_t>(),
         has_gent ? gent.data_ptr<acc_t>() : nullptr, ls.data_ptr<acc_t>(), ent.data_ptr<acc_t>(),
         static_cast<acc_t>(inv_temperature), ignore_index, split);

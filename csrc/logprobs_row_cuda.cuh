@@ -58,24 +58,31 @@ __device__ __forceinline__ Triple<acc_t> block_row_triple(const scalar_t* row, i
 // 0) to part[k]; the last of the row's blocks to arrive (a per-row counter, zeroed by the host, decides which —
 // not the order) merges part[0], part[1], .. in that order into st. Returns, uniformly over the block, whether
 // this block is that one (then st in thread 0 is the row's triple). With split == 1: true, st unchanged.
+// sm/ss/stt: block_merge's shared arrays (split <= kMaxSplit = 32 entries), free again here.
 template <typename acc_t>
 __device__ __forceinline__ bool split_merge(Triple<acc_t>& st, acc_t* part, unsigned* count, int k, int split,
-                                            acc_t c) {
+                                            acc_t c, acc_t* sm, acc_t* ss, acc_t* stt) {
   if (split == 1) return true;
   __shared__ bool am_last;
   if (threadIdx.x == 0) {
     part[3 * k] = st.m, part[3 * k + 1] = st.s, part[3 * k + 2] = st.t;
     __threadfence();  // the partial is visible device-wide before the count says so
     am_last = atomicAdd(count, 1u) == static_cast<unsigned>(split - 1);
-    if (am_last) {
-      __threadfence();
-      const volatile acc_t* p = part;  // written by other blocks: not from this SM's L1
-      st = Triple<acc_t>{p[0], p[1], p[2]};
-      for (int j = 1; j < split; ++j) st = row::merge(st, Triple<acc_t>{p[3 * j], p[3 * j + 1], p[3 * j + 2]}, c);
-    }
   }
   __syncthreads();
-  return am_last;
+  if (!am_last) return false;
+  __threadfence();
+  if (threadIdx.x < split) {  // one partial per thread, read past this SM's L1 (written by other blocks)
+    const volatile acc_t* p = part + 3 * threadIdx.x;
+    sm[threadIdx.x] = p[0], ss[threadIdx.x] = p[1], stt[threadIdx.x] = p[2];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    st = Triple<acc_t>{sm[0], ss[0], stt[0]};
+    for (int j = 1; j < split; ++j) st = row::merge(st, Triple<acc_t>{sm[j], ss[j], stt[j]}, c);
+  }
+  __syncthreads();  // sm/ss/stt are reused by the next row's block_merge
+  return true;
 }
 
 // Sums N doubles over the block in a fixed order (warp tree, then warp 0 over the warps' sums), so

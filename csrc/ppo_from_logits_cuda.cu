@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,7 +52,7 @@ __global__ void fl_rows_kernel(const scalar_t* __restrict__ x, RowLayout L, cons
     }
     const scalar_t* row = x + L.offset(r);
     Triple<acc_t> st = block_row_triple(row, L.V, c, k, split, sm, ss, stt);
-    if (split_merge(st, part + r * split * 3, count + r, k, split, c) && threadIdx.x == 0) {
+    if (split_merge(st, part + r * split * 3, count + r, k, split, c, sm, ss, stt) && threadIdx.x == 0) {
       const row::RowOut<acc_t> o = row::row_outputs(st, static_cast<acc_t>(row[label]), inv_t);  // label read once
       col[0] = static_cast<T>(o.logp);  // until pass 2
       col[2] = static_cast<T>(o.m);
@@ -171,7 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cuda(
         const int split = row::row_split<scalar_t>(V, threads_for(V));
         at::Tensor part = at::empty({split > 1 ? N * split * 3 : 0}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value)),
                    count = at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt));
-        fl_rows_kernel<scalar_t, T><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
+        const unsigned grid = blocks_for_rows(N, split);
+        fl_rows_kernel<scalar_t, T><<<grid, threads_for(V), 0, stream>>>(
             logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), sv, static_cast<acc_t>(inv_temperature), split,
             part.data_ptr<acc_t>(), reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -222,7 +224,8 @@ at::Tensor ppo_from_logits_bwd_cuda(const at::Tensor& grad_loss, const at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_bwd_rows", [&] {
       using acc_t = acc_type<scalar_t>;
       const int split = row::row_split<scalar_t>(V, threads_for(V));
-      fl_bwd_kernel<scalar_t, T><<<blocks_for_rows(N, split), threads_for(V), 0, stream>>>(
+      const unsigned grid = blocks_for_rows(N, split);
+      fl_bwd_kernel<scalar_t, T><<<grid, threads_for(V), 0, stream>>>(
           logits.data_ptr<scalar_t>(), L, grad.data_ptr<scalar_t>(), OL, lab.data_ptr<int64_t>(), sv.data_ptr<T>(),
           g.data_ptr<T>(), static_cast<acc_t>(inv_temperature), split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -212,16 +212,32 @@ RLHF_FAST_RD void groups(Triple<acc_t>& st, const Pack<scalar_t, VEC>* __restric
   }
 }
 
-// Small N: a row is split over `split` blocks, block k taking the groups [k·G, (k+1)·G), G = nthreads·16 (and
-// the scalar tail in the last block), so that few rows still fill the GPU. split depends on V and the block
-// size only (threads_for(V)), never on N, so a row's bits do not depend on the batch; the blocks' triples are
-// merged in the order k = 0, 1, .. (logprobs_row_cuda.cuh, split_merge).
+// Small N: a row is split over `split` blocks, block k taking the groups [k·S, (k+1)·S) (and the last block the
+// rest and the scalar tail), S = row_span, so that few rows still fill the GPU: about nthreads·16 groups per
+// block, at most kMaxSplit blocks. split and S depend on V and the block size only (threads_for(V)), never on
+// N, so a row's bits do not depend on the batch; the blocks' triples are merged in the order k = 0, 1, ..
+// (logprobs_row_cuda.cuh, split_merge).
 constexpr int kGroupsPerThread = 16;
+constexpr int kMaxSplit = 32;  // split_merge stages the partials in 32-entry shared arrays
+
+template <typename scalar_t>
+RLHF_FAST_RD int64_t row_groups(int64_t V) {
+  return V / (16 / int64_t(sizeof(scalar_t)));
+}
 
 template <typename scalar_t>
 RLHF_FAST_RD int row_split(int64_t V, int nthreads) {
-  const int64_t g = int64_t(nthreads) * kGroupsPerThread, n_vec = V / (16 / int64_t(sizeof(scalar_t)));
-  return n_vec > g ? static_cast<int>((n_vec + g - 1) / g) : 1;
+  const int64_t g = int64_t(nthreads) * kGroupsPerThread, n = row_groups<scalar_t>(V);
+  if (n <= g) return 1;
+  const int64_t k = (n + g - 1) / g;
+  return static_cast<int>(k < kMaxSplit ? k : kMaxSplit);
+}
+
+// Groups per span: the row's groups shared evenly, rounded up to whole rounds of the block's threads.
+template <typename scalar_t>
+RLHF_FAST_RD int64_t row_span(int64_t V, int split, int nthreads) {
+  const int64_t per = (row_groups<scalar_t>(V) + split - 1) / split;
+  return (per + nthreads - 1) / nthreads * nthreads;
 }
 
 // Thread tid's triple of span k of one row (c = log2(e)/T). The block merges its threads' triples in a fixed
@@ -233,8 +249,8 @@ RLHF_FAST_RD Triple<acc_t> thread_row_triple(const scalar_t* __restrict__ row, i
   using P = Pack<scalar_t, VEC>;
   Triple<acc_t> st = empty_triple<acc_t>();
   const int o = static_cast<int>((reinterpret_cast<uintptr_t>(row) & 15) / sizeof(scalar_t));
-  const int64_t n_vec = V / VEC, span = int64_t(nthreads) * kGroupsPerThread;
-  const int64_t g0 = split == 1 ? 0 : k * span, g1 = split == 1 || k == split - 1 ? n_vec : (k + 1) * span;
+  const int64_t n_vec = V / VEC, span = split == 1 ? n_vec : row_span<scalar_t>(V, split, nthreads);
+  const int64_t g0 = k * span, g1 = k == split - 1 ? n_vec : (k + 1) * span;
   groups<scalar_t, acc_t, VEC>(st, reinterpret_cast<const P*>(row - o), o, g0, g1, c, tid, nthreads);
   if (k == split - 1) {
     for (int64_t i = n_vec * VEC + tid; i < V; i += nthreads) {
@@ -282,7 +298,7 @@ RLHF_FAST_RD acc_t grad_value(acc_t x, const GradRow<acc_t>& g) {
 // Thread tid's share of span k (of `split`, as the forward's) of one row of grad logits, written to orow (which
 // may be row: in place). An ignored row gets zeros, a row whose label is out of [0, V) NaN; neither is read.
 // With `same_phase` (row and orow equally far from a 16-byte boundary, as grad_like makes them) the body from
-// the first boundary is read and written 16 bytes at a time, groups [k·G, (k+1)·G) in block k; the head (block
+// the first boundary is read and written 16 bytes at a time, groups [k·S, (k+1)·S) in block k; the head (block
 // 0), the tail past the last whole group (the last block), and every element of a row whose phases differ
 // (block 0) go one element at a time. The element written does not depend on the path.
 template <bool TWO_PART, typename scalar_t, typename acc_t>
@@ -290,7 +306,7 @@ RLHF_FAST_RD void thread_row_grad(const scalar_t* row, scalar_t* orow, int64_t V
                                   const GradRow<acc_t>& g, acc_t a, int k, int split, int tid, int nthreads) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   using P = Pack<scalar_t, VEC>;
-  const int64_t span = int64_t(nthreads) * kGroupsPerThread;
+  const int64_t span = split == 1 ? 0 : row_span<scalar_t>(V, split, nthreads);
   const bool first = k == 0, last = k == split - 1;
   auto head_len = [V](const void* p) {
     const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(scalar_t));
@@ -298,8 +314,8 @@ RLHF_FAST_RD void thread_row_grad(const scalar_t* row, scalar_t* orow, int64_t V
     return h < V ? h : V;
   };
   auto body = [&](int64_t n_vec) {  // this block's groups of the body
-    const int64_t g0 = split == 1 ? 0 : k * span, g1 = split == 1 || last ? n_vec : (k + 1) * span;
-    return std::pair<int64_t, int64_t>{g0, g1 < n_vec ? g1 : n_vec};
+    const int64_t g0 = k * span, g1 = last ? n_vec : (k + 1) * span;
+    return std::pair<int64_t, int64_t>{g0 < n_vec ? g0 : n_vec, g1 < n_vec ? g1 : n_vec};
   };
   if (ignored || label < 0 || label >= V) {
     const scalar_t v = ignored ? scalar_t(0) : static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());

@@ -400,6 +400,30 @@ def test_logprobs_batch_invariant(backend, dtype):
         assert torch.equal(a, c[3:8]) and torch.equal(b.reshape(c.shape), c)
 
 
+@pytest.mark.parametrize("backend", LP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("V", [1031, 4133])  # one program per row; rows split over programs (fp32, fp64)
+def test_logprobs_row_bits_do_not_depend_on_its_address(backend, dtype, V):
+    """A row at every element offset from a 16-byte boundary (the Triton forward's straddling loads, one
+    compiled loop per offset) gives the bits of the same row on the boundary, forward and backward."""
+    vec = 16 // torch.empty(0, dtype=dtype).element_size()
+    row = (torch.randn(1, V, device=DEVICE) * 3).to(dtype)
+    label = torch.randint(0, V, (1,), device=DEVICE)
+    g_lp, g_ent = torch.randn(1, device=DEVICE), torch.randn(1, device=DEVICE)
+    f = _public(backend, temperature=0.8)
+    buf = torch.zeros(V + vec, dtype=dtype, device=DEVICE)
+    assert buf.data_ptr() % 16 == 0
+    want = None
+    for o in range(vec):
+        buf.zero_()
+        buf[o:o + V] = row[0]
+        got = _lp_run(f, buf[o:o + V][None], label, g_lp, g_ent)
+        if want is None:
+            want = got
+        for a, b, what in zip(got, want, ("logp", "entropy", "grad")):
+            assert torch.equal(a, b), f"{what} of the row at element offset {o} differs from offset 0"
+
+
 @pytest.mark.parametrize("backend", LIN_BACKENDS)
 def test_linear_logprobs_invariant_to_chunking(backend, monkeypatch):
     """Chunking never changes a row's bits. torch.mm itself is not batch-invariant (MKL and cuBLAS pick

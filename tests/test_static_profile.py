@@ -73,21 +73,26 @@ def _select(records, case):
 
 
 # Known failures of today's kernels (sm_90, measured by this profile): the reason, or None where it passes.
-# The CUDA row kernels (csrc/row_math.cuh) meet every bar: their forwards read the same index-space groups as
-# two straddling aligned 16-byte packs where a row is off the boundary, realigned in registers.
-# The Triton row kernels (issue 11 part 2: ops/logprobs.py, ops/ppo_loss_from_logits.py) meet every bar but one:
-# the forwards group a row's columns in the row's own index space (batch invariance: a row's bits must not depend
-# on its address), so a row that does not start on a 16-byte boundary reads those groups with narrower loads;
-# the backwards are elementwise and read an aligned body with a masked head/tail for any V and row stride.
-_FWD_OFF_BOUNDARY = ("forward: index-space groups of 16 bytes (batch invariance) are read with scalar loads in rows "
-                     "that do not start on a 16-byte boundary; the profile's hot loop is that fallback")
+# The row kernels (Triton: ops/logprobs.py, ops/ppo_loss_from_logits.py; CUDA: csrc/row_math.cuh) meet every bar
+# but one: the forwards group a row's columns in the row's own index space (batch invariance: a row's bits must not
+# depend on its address), so in a row that does not start on a 16-byte boundary each group straddles two aligned
+# packs; it is read from both (two loads per group, each inside one aligned pack) and cut out in registers, and
+# ptxas trims the two loads to the words the group uses: 16- to 128-bit pieces, not two whole 128-bit packs.
+# (Making the unused words look used would keep both loads 128-bit at the price of extra instructions and twice
+# the L1 traffic: it would meet the letter of the bar, not its point.) What the bar is for — few, wide loads —
+# is gated instead by test_row_forward_reads_each_group_with_at_most_two_loads. The backwards are elementwise
+# and read an aligned body with a masked head/tail for any V and row stride.
+_FWD_STRADDLE = ("forward: in rows off a 16-byte boundary each index-space group of 16 bytes (batch invariance) "
+                 "straddles two aligned packs, read as two loads trimmed by ptxas to the words used")
 
 
 def _known_narrow(backend, op, stage, dt, V, lay):
+    if backend == "cuda" and stage == "fwd":  # one SASS for every row stride: its off-boundary loops are in it
+        return f"CUDA {op} {_FWD_STRADDLE} (run-time offset: one loop per offset in the same kernel)"
     if backend == "triton" and stage == "fwd":
         stride = V + 3 if lay == "sliced" else V
         if stride % (16 // (2 if dt == "bfloat16" else 4)):
-            return f"Triton {op} {_FWD_OFF_BOUNDARY} (row stride {stride})"
+            return f"Triton {op} {_FWD_STRADDLE} (row stride {stride})"
     return None
 
 
@@ -126,6 +131,21 @@ def test_row_kernel_hot_loop_loads_128_bits(records, case):
         assert r["load_bits"] >= 128, f"{r['kernel']}: hot-loop loads of {r['load_widths']} bits per thread"
 
 
+@pytest.mark.parametrize("case", _cases([c for c in ALL if c[2] == "fwd"], lambda *c: None))
+def test_row_forward_reads_each_group_with_at_most_two_loads(records, case):
+    """Every loop over whole 16-byte groups of a forward (aligned body, and each off-boundary body) issues at most
+    two global loads per group, each inside one aligned 16-byte pack (grouped_load_bytes pairs them), and none
+    narrower than the element; the scalar tail (fewer than a group's elements per row) is left out."""
+    for r in _select(records, case):
+        es = {"bfloat16": 2, "float32": 4}[r["dtype"]]
+        bodies = [lp for lp in r["loading_loops"] if lp["grouped_bytes"] % 16 == 0 and lp["grouped_bytes"] > es]
+        assert bodies, f"{r['kernel']}: no loop over whole groups: {r['loading_loops']}"
+        for lp in bodies:
+            groups = lp["grouped_bytes"] // 16
+            assert lp["loads"] <= 2 * groups, f"{r['kernel']}: {lp['loads']} loads for {groups} groups: {lp}"
+            assert min(lp["load_widths"]) >= 8 * es, f"{r['kernel']}: {lp}"
+
+
 @pytest.mark.parametrize("case", _cases(ALL, _known_sass, dtypes=("bfloat16",)))
 def test_row_kernel_sass_per_element(records, case):
     for r in _select(records, case):
@@ -143,7 +163,7 @@ def test_cuda_row_element_count_agrees_with_the_exp_count(records):
     for r in rows:
         vec = 16 // {"bfloat16": 2, "float32": 4}[r["dtype"]]
         for lp in r["loading_loops"]:
-            if 128 not in lp["load_widths"]:
+            if lp["grouped_bytes"] % 16 or lp["grouped_bytes"] <= 4:
                 continue  # the scalar head/tail loops
             e = lp["elements"]
             want = e + e / vec if r["stage"] == "fwd" else e
@@ -242,20 +262,41 @@ ptxas info    : Used 16 registers, used 1 barriers, 384 bytes smem, 360 bytes cm
         [32, 64, 8, 16, 128]
 
 
-def test_straddling_packs_are_not_counted_as_elements():
+def test_straddled_groups_count_once():
+    """A Triton forward row off a 16-byte boundary reads each 16-byte group from the two aligned packs it straddles;
+    ptxas trims each load to the words the group uses. Two such loads off one base register in adjacent packs are one
+    group (16 bytes); whole packs and loads in packs apart count their own bytes."""
     sass = """
-		Function : _Z3barPf
-        /*0000*/                   LDG.E.128.CONSTANT R8, desc[UR24][R16.64] ;
-        /*0010*/                   LDG.E.128.CONSTANT R12, desc[UR24][R16.64+0x10] ;
-        /*0020*/                   LDG.E.128.CONSTANT R20, desc[UR24][R18.64+0x20] ;
-        /*0030*/                   MUFU.EX2 R8, R8 ;
-        /*0040*/              @!P0 BRA 0x0 ;
-        /*0050*/                   EXIT ;
+		Function : k
+        /*0000*/                   LDG.E.128 R8, desc[UR8][R24.64+-0x810] ;
+        /*0010*/                   LDG.E.128 R12, desc[UR8][R24.64+-0x10] ;
+        /*0020*/                   LDG.E.64 R20, desc[UR8][R24.64+-0x800] ;
+        /*0030*/                   LDG.E.64 R22, desc[UR8][R24.64] ;
+        /*0040*/                   LDG.E.U16 R26, desc[UR8][R30.64+-0x2] ;
+        /*0050*/                   LDG.E.128 R4, desc[UR8][R30.64] ;
+        /*0060*/                   LDG.E.128 R16, desc[UR8][R30.64+0x800] ;
+        /*0070*/                   LDG.E.128 R16, desc[UR8][R30.64+0x810] ;
+        /*0080*/                   IADD3 R24, P1, R24, 0x1000, RZ ;
+        /*0090*/               @P0 BRA 0x0 ;
 """
-    (fn, instrs), = sp.parse_sass(sass).items()
+    (instrs,) = sp.parse_sass(sass).values()
     lp = sp.hot_loop(instrs)
-    # R16+0x10 is the second pack of the group at R16; R18+0x20 has no pack at R18+0x10: a group of its own
-    assert (sp.straddle_loads(lp), lp.load_bytes, sp.cuda_row_elements(lp, 2), sp.exp_count(lp)) == (1, 48, 16.0, 1)
+    assert lp.load_bytes == 16 + 16 + 8 + 8 + 2 + 16 + 16 + 16
+    # (-0x810, -0x800) and (-0x10, 0) off R24: two groups; (-0x2, 0) off R30: one; 0x800 and 0x810: two whole packs
+    assert sp.grouped_load_bytes(lp) == 16 + 16 + 16 + 32
+    assert [sp.load_address(i.text) for i in lp.loads[:2]] == [("R24", -0x810), ("R24", -0x10)]
+
+
+def test_cuda_row_elements_and_exp_count():
+    """A CUDA forward group off a 16-byte boundary: pack j (trimmed to 128 bits) and pack j+1 (trimmed to 32) off
+    one register are 8 bf16 elements, one group; 9 MUFU.EX2 (8 elements + the group's rebase)."""
+    sass = "\n\t\tFunction : k\n" + "".join(
+        f"        /*{a:04x}*/                   {t} ;\n" for a, t in enumerate(
+            ["LDG.E.128.CONSTANT R8, desc[UR24][R16.64]", "LDG.E.CONSTANT R12, desc[UR24][R16.64+0x10]"]
+            + ["MUFU.EX2 R8, R8"] * 9 + ["@!P0 BRA 0x0"]) for a in [a * 16])
+    (instrs,) = sp.parse_sass(sass).values()
+    lp = sp.hot_loop(instrs)
+    assert (lp.load_bytes, sp.cuda_row_elements(lp, 2), sp.exp_count(lp)) == (20, 8.0, 9)
 
 
 TINY_CU = r"""

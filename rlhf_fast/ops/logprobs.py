@@ -1,14 +1,18 @@
 """logprobs in Triton: log softmax(logits / T)[label] and the entropy, without an [N, V] temporary.
 
 Forward: a row is read once as tiles of 16-byte groups (VEC elements, one thread each, groups in the row's
-index space). Each group keeps a running raw max m, s = Σ 2^((x-m)·log2(e)/T) and t = Σ 2^(…)·(x-m)
-(rescaled when m moves; ``ex2.approx.ftz`` of the exact difference x - m on a GPU), so the max and sums
-of a chunk stay in registers; the groups' triples are merged once per row. The row is split over
-SPLIT = cdiv(V, _CHUNKS_PER_PROGRAM chunks) programs (a function of V only: a row's bits never depend on
-N); the last of a row's programs merges their partial triples in a fixed order and reads the label's
-logit once: logp = (x_y - m)/T - log s, H = log s - t/(T·s), lse = m/T + log s. Backward: elementwise,
-one read and one write of [N, V] over an aligned body with a masked head/tail (128-bit for any V and row
-stride), p recomputed from lse: grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z / T
+index space). A row on a 16-byte boundary reads a group with one 128-bit load; in a row o elements past one,
+a group straddles two aligned 16-byte packs, read from both (each load inside one pack, ptxas keeping the
+words the group uses; the second pack is the next group's first) and cut out in registers at the
+compile-time offset o (one loop per o, the same tile as the aligned path: same bits). Each group keeps a
+running raw max m, s = Σ 2^((x-m)·log2(e)/T) and t = Σ 2^(…)·(x-m) (rescaled when m moves;
+``ex2.approx.ftz`` of the exact difference x - m on a GPU), so the max and sums of a chunk stay in
+registers; the groups' triples are merged once per row. The row is split over SPLIT = cdiv(V,
+_CHUNKS_PER_PROGRAM chunks) programs (a function of V only: a row's bits never depend on N); the last of
+a row's programs merges their partial triples in a fixed order and reads the label's logit once:
+logp = (x_y - m)/T - log s, H = log s - t/(T·s), lse = m/T + log s. Backward: elementwise, one read and
+one write of [N, V] over an aligned body with a masked head/tail (128-bit for any V and row stride), p
+recomputed from lse: grad_z = g_lp·(onehot - p) - g_ent·p·(z - lse + H), grad_x = grad_z / T
 — optionally written into the logits buffer itself (``logprobs_inplace_backward``).
 
 Logits are [B, T, V] with any strides over B and T (row r at (r // T)·s0 + (r % T)·s1, see
@@ -85,13 +89,64 @@ def _accumulate(x, m, s, t, c2, FAST: tl.constexpr):
 
 
 @triton.jit
+def _columns(p, VEC: tl.constexpr):
+    """The VEC columns ([G] each, in order) of a [G, VEC] tile whose rows sit in one thread: splits of its
+    registers, no data movement."""
+    G: tl.constexpr = p.shape[0]
+    if VEC == 2:
+        return tl.split(p)
+    elif VEC == 4:
+        even, odd = tl.split(tl.reshape(p, [G, 2, 2]))
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        return c0, c1, c2, c3
+    else:
+        tl.static_assert(VEC == 8)
+        even, odd = tl.split(tl.reshape(p, [G, 4, 2]))
+        e0, e1 = tl.split(tl.reshape(even, [G, 2, 2]))  # columns (0, 4) and (2, 6)
+        o0, o1 = tl.split(tl.reshape(odd, [G, 2, 2]))  # columns (1, 5) and (3, 7)
+        c0, c4 = tl.split(e0)
+        c2, c6 = tl.split(e1)
+        c1, c5 = tl.split(o0)
+        c3, c7 = tl.split(o1)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _tile(c, VEC: tl.constexpr):
+    """The [G, VEC] tile of the VEC columns c (the inverse of _columns, in the same register layout)."""
+    G: tl.constexpr = c[0].shape[0]
+    if VEC == 2:
+        return tl.join(c[0], c[1])
+    elif VEC == 4:
+        return tl.reshape(tl.join(tl.join(c[0], c[2]), tl.join(c[1], c[3])), [G, 4])
+    else:
+        even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), [G, 4])
+        odd = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), [G, 4])
+        return tl.reshape(tl.join(even, odd), [G, 8])
+
+
+@triton.jit
+def _straddle(p0, p1, O: tl.constexpr, VEC: tl.constexpr):
+    """Columns O .. O + VEC - 1 of the [G, 2·VEC] tile [p0 | p1] (0 < O < VEC, a compile-time shift)."""
+    c = _columns(p0, VEC) + _columns(p1, VEC)
+    if VEC == 2:
+        return _tile((c[O], c[O + 1]), VEC)
+    elif VEC == 4:
+        return _tile((c[O], c[O + 1], c[O + 2], c[O + 3]), VEC)
+    else:
+        return _tile((c[O], c[O + 1], c[O + 2], c[O + 3], c[O + 4], c[O + 5], c[O + 6], c[O + 7]), VEC)
+
+
+@triton.jit
 def _span_triple(x_ptr, row_off, phase0, lo, hi, c2, ACC: tl.constexpr, VEC: tl.constexpr,
                  BLOCK_V: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
     """(m, s, t) of the columns [lo, hi) of one row (lo a multiple of BLOCK_V), grouped in the row's index
     space: group g is the columns [g·VEC, (g+1)·VEC), whatever the row's address, so the summation order and
     a row's bits do not depend on where it lies (batch invariance). A row on a 16-byte boundary reads each
     group with one 128-bit load; with ALIGNED (every row is: the host checked the base and the strides) that
-    is the only path, otherwise rows off the boundary read the same groups with narrower loads."""
+    is the only path, otherwise a row o elements past a boundary reads each group from the two aligned packs
+    it straddles (_straddle); the ragged last chunk is a masked load."""
     G: tl.constexpr = BLOCK_V // VEC
     tile = tl.arange(0, G)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     m = tl.full([G], _lowest(ACC), ACC)
@@ -106,9 +161,18 @@ def _span_triple(x_ptr, row_off, phase0, lo, hi, c2, ACC: tl.constexpr, VEC: tl.
             x = tl.load(base + start + tile).to(ACC)
             m, s, t = _accumulate(x, m, s, t, c2, FAST)
     else:
-        for start in range(lo, end, BLOCK_V):
-            x = tl.load(x_ptr + row_off + start + tile).to(ACC)
-            m, s, t = _accumulate(x, m, s, t, c2, FAST)
+        # a row o = 1..VEC-1 elements past a boundary: group g straddles the aligned packs g and g+1 (from column
+        # g·VEC - o); both are loaded (ptxas keeps the words the group uses; the second pack is the next group's
+        # first: no extra DRAM traffic; each holds a column of the row, so neither load leaves the row's pages)
+        # and the group is cut out in registers at the compile-time offset O, one loop per O: the same tile, in
+        # the same register layout, as the aligned path's load, so the same bits
+        o = (phase0 + row_off) % VEC
+        base = x_ptr + (((phase0 + row_off) // VEC) * VEC - phase0)  # == x_ptr + row_off - o
+        for O in tl.static_range(1, VEC):
+            if o == O:
+                for start in range(lo, end, BLOCK_V):
+                    x = _straddle(tl.load(base + start + tile), tl.load(base + start + VEC + tile), O, VEC)
+                    m, s, t = _accumulate(x.to(ACC), m, s, t, c2, FAST)
     c = end + tile  # the ragged last chunk, masked with -inf
     x = tl.load(x_ptr + row_off + c, mask=c < hi, other=float("-inf")).to(ACC)
     m, s, t = _accumulate(x, m, s, t, c2, FAST)

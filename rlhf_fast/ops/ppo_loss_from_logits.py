@@ -1,13 +1,14 @@
 """PPO policy loss straight from the logits (+ KL and entropy terms), fused in Triton.
 
-Forward: the row pass of ops/logprobs.py (_row_triple: 16-byte groups with running max / sum-exp /
-Σ e·(x - max), the row split over programs by V alone and merged in a fixed order) gives logp and
-entropy; the row's last program then computes the clipped policy loss, the KL estimate and the
-aggregation weight in registers. Per token it writes the loss
-terms (a [N, 8] buffer that torch sums: deterministic) and the scalars the backward needs:
-g_lp = d loss / d logp, g_ent = d loss / d entropy (both already scaled by the aggregation
-weight), the raw row max m and log_s = log Σ exp((x - m)/T) (lse = m/T + log_s
-kept in two parts, for huge logits), and the entropy. No [N, V] tensor is allocated in the forward.
+Forward: the row pass of ops/logprobs.py (_row_triple: 16-byte groups in the row's index space with running
+max / sum-exp / Σ e·(x - max), read with loads inside aligned 16-byte packs whatever the row's phase — a
+group straddling two packs is cut out in registers — the row split over programs by V alone and merged in
+a fixed order) gives logp and entropy; the row's last program then computes the clipped policy loss, the
+KL estimate and the aggregation weight in registers. Per token it writes the loss terms (a [N, 8] buffer
+that torch sums: deterministic) and the scalars the backward needs: g_lp = d loss / d logp, g_ent = d loss /
+d entropy (both already scaled by the aggregation weight), the raw row max m and log_s = log Σ exp((x - m)/T)
+(lse = m/T + log_s kept in two parts, for huge logits), and the entropy. No [N, V] tensor is allocated in
+the forward.
 
 Backward: one more read of the logits and one write of grad_logits (recomputing p = exp(z - lse)):
   grad_z = G·(g_lp·(onehot - p) - g_ent·p·(z - lse + H)),   grad_x = grad_z / temperature,
