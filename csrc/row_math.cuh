@@ -75,12 +75,15 @@ RLHF_FAST_RD double vmax(double a, double b) {
 #endif
 }
 
-// 2^x in the hot loops: ex2.approx.ftz for fp32 on the GPU; the host (emulator) and fp64 take exp2.
+// 2^x in the hot loops: ex2.approx.ftz for fp32 on the GPU; the host (emulator) and fp64 take exp2, or on the
+// host the emulator's stand-in for ex2.approx.ftz (RLHF_FAST_HOST_EX2: an error and a flush to zero like it).
 RLHF_FAST_RD float fast_exp2(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#elif defined(RLHF_FAST_HOST_EX2)
+  return RLHF_FAST_HOST_EX2(x);
 #else
   return std::exp2(x);
 #endif

@@ -3,7 +3,9 @@ host by tests/csrc/row_math_emulator.cpp, run thread by thread with the kernels'
 reference. Covers what the CUDA forward/backward do per row: the 16-byte groups read at every offset from a
 16-byte boundary (two straddling packs, compile-time realignment), the running triple and its merges, -inf /
 NaN / huge logits, the label's column fixed by its owner thread, in place or not, head/body/tail, ignored and
-out-of-range labels. Not covered (GPU only): ex2.approx instead of exp2, the ld.global.nc asm, scheduling."""
+out-of-range labels; each with an exact 2^u and with a stand-in for ex2.approx.ftz (its error bound, flush to
+zero). Not covered (GPU only): ex2.approx itself, the ld.global.nc asm, the cross-block merge's memory ordering,
+scheduling."""
 import ctypes
 import math
 import shutil
@@ -21,12 +23,15 @@ CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+@pytest.fixture(scope="module", params=["exp2", "ex2.approx"])
+def lib(request, tmp_path_factory):
+    """The emulator with an exact 2^u, and with a stand-in for the GPU's ex2.approx.ftz (relative error 2^-21 both
+    ways, results under 2^-126 flushed to 0): the reference bounds must hold for both."""
     if CXX is None:
         pytest.skip("no C++ compiler for the CUDA row emulator")
     so = tmp_path_factory.mktemp("emu") / "row_math_emulator.so"
-    r = subprocess.run([CXX, "-O2", "-std=c++20", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}",
+    approx = ["-DEMULATE_EX2_APPROX"] if request.param == "ex2.approx" else []
+    r = subprocess.run([CXX, "-O2", "-std=c++20", "-shared", "-fPIC", *approx, f"-I{ROOT / 'csrc'}",
                         str(ROOT / "tests" / "csrc" / "row_math_emulator.cpp"), "-o", str(so)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]

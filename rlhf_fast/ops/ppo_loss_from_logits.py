@@ -177,7 +177,6 @@ class PPOLossFromLogitsFunction(torch.autograd.Function):
         dt, acc, nterms = acc_dtypes(logits, old_logp, advantages, ref_logp)
         row_acc = tl.float64 if logits.dtype == torch.float64 else tl.float32  # as the CUDA kernels
         x = _tlp.as_rows(logits_rows(logits))  # [B, T, V] view of the logits: no copy of a time slice
-        V = x.shape[-1]
         old, B, T = flat_bt(old_logp, agg)
         adv, m = flat_bt(advantages, agg)[0], flat_bt(mask, agg)[0]
         rf = flat_bt(ref_logp, agg)[0] if ref_logp is not None else old

@@ -1,10 +1,25 @@
 // The CUDA logits-row kernels' per-thread code (csrc/row_math.cuh) run on the CPU, thread by thread, with the
 // kernels' merge order (logprobs_row_cuda.cuh: a shuffle tree per warp, then the same tree over the warps), so
 // tests/test_cuda_row_emulation.py checks that code against the float64 reference without a GPU. What it
-// cannot see: ex2.approx (the host takes exp2), the ld.global.nc asm (memcpy here) and scheduling.
+// cannot see: ex2.approx itself (the host takes exp2, or with -DEMULATE_EX2_APPROX exp2 with its error bound and
+// flush to zero), the ld.global.nc asm (memcpy here) and scheduling.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+// Built with -DEMULATE_EX2_APPROX: the kernels' 2^u gets what ex2.approx.ftz.f32 may do on a GPU — a relative error
+// (here +-2^-21, the sign from the argument's bits, so deterministic) and results below 2^-126 flushed to 0.
+#if defined(EMULATE_EX2_APPROX)
+inline float ex2_approx_ftz(float x) {
+  float y = std::exp2(x);
+  if (!(y >= 0x1p-126f)) return y != y ? y : 0.0f;  // NaN stays NaN; subnormal and 0 results flush to 0
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return y * ((u * 2654435761u) >> 31 ? 1.0f + 0x1p-21f : 1.0f - 0x1p-21f);
+}
+#define RLHF_FAST_HOST_EX2 ex2_approx_ftz
+#endif
 
 #include "row_math.cuh"
 
