@@ -1,5 +1,5 @@
 // The per-thread work of the CUDA logits-row kernels (logprobs_cuda.cu, ppo_from_logits_cuda.cu), written
-// once for the device and the host: the kernels call it per thread, and tests/row_math_emulator.cpp runs
+// once for the device and the host: the kernels call it per thread, and tests/csrc/row_math_emulator.cpp runs
 // the same source on the CPU thread by thread (with the kernels' merge order), which is how it is tested
 // on machines without a GPU. No torch headers: the emulator compiles in seconds.
 //
@@ -11,14 +11,16 @@
 // (x - m) is formed exactly before the product by c, so huge logits (|x| ~ 1e4) keep their precision;
 // 2^u is one ex2.approx.ftz on the GPU (MUFU.EX2; 2^-inf = 0, NaN stays NaN, results under 2^-126 flush to
 // 0, far below any probability that matters). m starts at the lowest finite value, not -inf, so every
-// difference is finite or -inf (never inf - inf): a -inf logit adds 2^-inf = 0 to s and, through the clamp
-// of (x - m) to the lowest finite value, 0 to t; a NaN logit is dropped by fmax but its 2^NaN makes s and t
-// NaN, so the row's outputs are NaN. The groups are fixed by column index, never by address, so a row's
-// bits do not depend on where it lies (batch invariance): a row that starts O elements past a 16-byte
-// boundary reads each group as the two aligned 16-byte packs that straddle it (the second is the next
-// thread's first, an L1 hit, no extra DRAM traffic) and picks its VEC elements with compile-time indices,
-// one copy of the loop per O. Either pack of a whole group holds an element of the row, so neither load
-// leaves the row's pages.
+// difference is finite or -inf (inf - inf only beside a +inf logit, whose row is NaN as in the reference;
+// the rebase's m_old - m_new is clamped finite, as it overflows when m jumps from the lowest value to ~3e38):
+// a -inf logit adds 2^-inf = 0 to s and, through the clamp of (x - m) to the lowest finite value, 0 to t;
+// a NaN logit is dropped by fmax but its 2^NaN makes s and t NaN, so the row's outputs are NaN. The groups
+// are fixed by column index, never by address, so a row's bits do not depend on where it lies (batch
+// invariance): a row that starts O elements past a 16-byte boundary reads each group as the two aligned 16-byte
+// packs that straddle it (the second is the next thread's first, an L1 hit, no extra DRAM traffic) and picks its
+// VEC elements with compile-time indices, one copy of the loop per O. Either pack of a whole group holds an
+// element of the row, so neither load leaves the row's pages. A long row is split over several blocks
+// (row_split), each taking a span of groups.
 //
 // Backward, elementwise given the row statistics: grad_x = a·(onehot - p) - b·p·(log p + H) with a = g_lp/T,
 // b = g_ent/T, written as -p·(a + b·H + b·ln2·w2) with w2 = log2 p, p = 2^w2, and the label's column fixed
