@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -103,15 +102,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int split = row::row_split<scalar_t>(V, threads_for(V));
-    // the spans' partial triples and a per-row arrival count (zeroed): only for rows split over blocks
-    at::Tensor part = at::empty({split > 1 ? N * split * 3 : 0}, opts),
-               count = at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt));
-    const unsigned grid = blocks_for_rows(N, split);
+    SplitScratch sc = split_scratch<scalar_t>(logits, N, V);
+    const unsigned grid = blocks_for_rows(N, sc.split);
     logprobs_fwd_kernel<scalar_t><<<grid, threads_for(V), 0, stream>>>(
         logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), static_cast<acc_t>(inv_temperature), ignore_index, split, part.data_ptr<acc_t>(),
-        reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()));
+        lse.data_ptr<acc_t>(), static_cast<acc_t>(inv_temperature), ignore_index, sc.split, sc.part.data_ptr<acc_t>(),
+        sc.counts());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {logp, entropy, lse};

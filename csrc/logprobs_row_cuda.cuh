@@ -5,6 +5,8 @@
 #pragma once
 #include <c10/macros/Macros.h>
 
+#include <ATen/ops/zeros.h>
+
 #include "logits_layout.h"
 #include "row_math.cuh"
 
@@ -21,7 +23,7 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // rows past it are covered by
 constexpr unsigned kFull = 0xffffffffu;
 
 // Lane 0 ends with the merge of the warp's 32 triples, in the tree lane i ⊕= lane i + off, off = 16, 8, .., 1
-// (the order tests/row_math_emulator.cpp replays). Lanes >= 32 - off merge garbage that lane 0 never uses.
+// (the order tests/csrc/row_math_emulator.cpp replays). Lanes >= 32 - off merge garbage that lane 0 never uses.
 template <typename acc_t>
 __device__ __forceinline__ Triple<acc_t> warp_merge(Triple<acc_t> st, acc_t c) {
   for (int off = 16; off > 0; off >>= 1) {
@@ -121,6 +123,22 @@ unsigned blocks_for_rows(int64_t N, int split) {
 int threads_for(int64_t V) { return V >= 32768 ? 512 : (V >= 4096 ? 256 : 128); }
 // (at least one block: a grid of 0 is a launch error; the grid-stride loops skip empty work)
 unsigned blocks_for(int64_t N) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(N, kMaxBlocks))); }
+
+// The scratch of rows split over blocks (split_merge): each span's partial triple and a per-row arrival count
+// (zeroed); both empty when a row is one block (split == 1).
+struct SplitScratch {
+  int split;
+  at::Tensor part, count;
+  unsigned* counts() { return reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()); }
+};
+
+template <typename scalar_t>
+SplitScratch split_scratch(const at::Tensor& logits, int64_t N, int64_t V) {
+  const int split = row::row_split<scalar_t>(V, threads_for(V));
+  const auto acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
+  return {split, at::empty({split > 1 ? N * split * 3 : 0}, logits.options().dtype(acc)),
+          at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt))};
+}
 
 }  // namespace
 }  // namespace rlhf_fast

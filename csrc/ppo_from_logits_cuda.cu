@@ -11,7 +11,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -169,13 +168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_from_logits_fwd_cuda(
     if (N > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_from_logits_rows", [&] {
         using acc_t = acc_type<scalar_t>;
-        const int split = row::row_split<scalar_t>(V, threads_for(V));
-        at::Tensor part = at::empty({split > 1 ? N * split * 3 : 0}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value)),
-                   count = at::zeros({split > 1 ? N : 0}, logits.options().dtype(at::kInt));
-        const unsigned grid = blocks_for_rows(N, split);
+        SplitScratch sc = split_scratch<scalar_t>(logits, N, V);
+        const unsigned grid = blocks_for_rows(N, sc.split);
         fl_rows_kernel<scalar_t, T><<<grid, threads_for(V), 0, stream>>>(
-            logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), sv, static_cast<acc_t>(inv_temperature), split,
-            part.data_ptr<acc_t>(), reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()));
+            logits.data_ptr<scalar_t>(), L, lab.data_ptr<int64_t>(), sv, static_cast<acc_t>(inv_temperature), sc.split,
+            sc.part.data_ptr<acc_t>(), sc.counts());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       auto launch = [&](auto* mask_ptr) {

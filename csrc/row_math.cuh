@@ -27,6 +27,8 @@
 // by the thread that owns it after its loop (a + the same expression; it read x[label] first, so the
 // backward may run in place).
 #pragma once
+#include <math.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,21 +63,10 @@ RLHF_FAST_RD acc_t lowest() {
   return -std::numeric_limits<acc_t>::max();
 }
 
-// max that drops a NaN operand (FMNMX), as fmax
-RLHF_FAST_RD float vmax(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return fmaxf(a, b);
-#else
-  return std::fmax(a, b);
-#endif
-}
-RLHF_FAST_RD double vmax(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return fmax(a, b);
-#else
-  return std::fmax(a, b);
-#endif
-}
+// The C math functions below are callable from the host and the device alike (CUDA declares them both).
+// max that drops a NaN operand (FMNMX)
+RLHF_FAST_RD float vmax(float a, float b) { return fmaxf(a, b); }
+RLHF_FAST_RD double vmax(double a, double b) { return fmax(a, b); }
 
 // 2^x in the hot loops: ex2.approx.ftz for fp32 on the GPU; the host (emulator) and fp64 take exp2, or on the
 // host the emulator's stand-in for ex2.approx.ftz (RLHF_FAST_HOST_EX2: an error and a flush to zero like it).
@@ -87,39 +78,15 @@ RLHF_FAST_RD float fast_exp2(float x) {
 #elif defined(RLHF_FAST_HOST_EX2)
   return RLHF_FAST_HOST_EX2(x);
 #else
-  return std::exp2(x);
-#endif
-}
-RLHF_FAST_RD double fast_exp2(double x) {
-#if defined(__CUDA_ARCH__)
-  return exp2(x);
-#else
-  return std::exp2(x);
-#endif
-}
-// once per merge: the accurate one
-RLHF_FAST_RD float exact_exp2(float x) {
-#if defined(__CUDA_ARCH__)
   return exp2f(x);
-#else
-  return std::exp2(x);
 #endif
 }
-RLHF_FAST_RD double exact_exp2(double x) { return fast_exp2(x); }
-RLHF_FAST_RD float log_of(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-RLHF_FAST_RD double log_of(double x) {
-#if defined(__CUDA_ARCH__)
-  return log(x);
-#else
-  return std::log(x);
-#endif
-}
+RLHF_FAST_RD double fast_exp2(double x) { return exp2(x); }
+// once per merge: the accurate one
+RLHF_FAST_RD float exact_exp2(float x) { return exp2f(x); }
+RLHF_FAST_RD double exact_exp2(double x) { return exp2(x); }
+RLHF_FAST_RD float log_of(float x) { return logf(x); }
+RLHF_FAST_RD double log_of(double x) { return log(x); }
 
 template <typename acc_t>
 struct Triple {
