@@ -580,14 +580,15 @@ def _check_cu_seqlens(cu_seqlens, n, device):
 
 
 def _linear_ppo_loss_reference(hidden, weight, labels, old_logp, advantages, mask, *args, cu_seqlens=None,
-                               chunk_size=None):
+                               chunk_size=None, weights=None, num_tokens=None, num_seqs=None, loss_type="ppo"):
     """The reference materialises the logits (no chunks); packed input is its padded call."""
     if cu_seqlens is not None:
         p = Packing(cu_seqlens, labels)
-        hidden, labels, old_logp, advantages, mask = (p.pad(hidden), p.pad(labels, -100), p.pad(old_logp),
-                                                      p.pad(advantages), p.pad(mask))
+        hidden, labels, old_logp, advantages, mask, weights = (p.pad(hidden), p.pad(labels, -100), p.pad(old_logp),
+                                                               p.pad(advantages), p.pad(mask), p.pad(weights))
         args = (*args[:1], p.pad(args[1]), *args[2:])  # ref_logp
-    return ref.linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *args)
+    return ref.linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *args, weights, num_tokens, num_seqs,
+                               loss_type)
 
 
 register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)
@@ -595,17 +596,19 @@ register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)
 
 def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_logp=None, kl_coef=0.0,
                     kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                    dual_clip=None, agg="token-mean", cu_seqlens=None, head_dtype=None, chunk_size=None,
-                    backend=None):
+                    dual_clip=None, agg="token-mean", weights=None, num_tokens=None, num_seqs=None, cu_seqlens=None,
+                    head_dtype=None, chunk_size=None, loss_type="ppo", backend=None):
     """ppo_loss_from_logits(hidden @ weight.T + bias, ...) without the [N, V] logits.
 
     hidden [B, T, H] (or [N, H] packed: sequences at rows cu_seqlens[i]:cu_seqlens[i+1]), weight [V, H],
     bias [V] or None; labels, old_logp, advantages, mask, ref_logp [B, T] (or [N]); cu_seqlens [S + 1]
     int (agg per sequence, as the padded [S, T] call). head_dtype: the dtype the head's GEMMs run in
     (e.g. torch.float32 for bf16 models); chunk_size: rows of logits per chunk (default adapts to N
-    and V, at most N/8 rows). Same value, gradients (hidden, weight, bias) and stats as
-    ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so the loss can
-    be backpropagated once.
+    and V, at most N/8 rows). ``agg`` (every mode), ``num_tokens``, ``num_seqs``, ``weights`` [B, T]
+    (or [N]) and ``loss_type`` as in ppo_loss_from_logits. Same value, gradients (hidden, weight, bias)
+    and stats as ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so
+    the loss can be backpropagated once. loss_type="gspo" costs one more GEMM and row pass per chunk
+    (each sequence's logp is needed before its gradients; docs/losses.md gives the measured cost).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         check.floating(name, t)
@@ -629,10 +632,12 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
         if hidden.dim() != 2:
             raise ValueError(f"with cu_seqlens, hidden must be packed [N, H], got {tuple(hidden.shape)}")
         _check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-    else:
-        _check_agg(agg, old_logp)
-    # the chunked backends weight tokens by the three backend modes (no normalisers / weights yet)
-    check.choice("agg", agg, tuple(dict.fromkeys(_BACKEND_AGG.values())))
+    # packed: the seq-mean modes see the sequences of cu_seqlens over the flat [N] tokens
+    _check_agg(agg, old_logp if cu_seqlens is None else old_logp.unsqueeze(0), num_tokens, num_seqs)
+    _check_loss_type(loss_type, dual_clip, old_logp, cu_seqlens)
+    if weights is not None:
+        _check_weights(weights, old_logp)
+        check.same_device("old_logp", old_logp, weights=weights)
     check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _check_clip("clip_low", clip_low)
     _check_clip("clip_high", clip_high, allow_none=True)
@@ -642,4 +647,5 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
     impl = select("linear_ppo_loss", hidden.device, backend)
     return impl(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, kl_coef, kl_estimator,
                 entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, head_dtype,
-                cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size, weights=weights, num_tokens=num_tokens,
+                num_seqs=num_seqs, loss_type=loss_type)
