@@ -158,7 +158,7 @@ def _general_pass(rows, x, lab, old, adv, m, scale, pol_scale, ref, seq_lr, c: _
                                                                 c.dual_clip, seq_lr)
         pol = (pg * (w if pol_scale is None else m.to(dt) * pol_scale)).sum()
         ent_sum = (h * w).sum()
-        kl_sum = (reference.kl(lp, r, c.kl_estimator) * w).sum() if c.has_ref else torch.zeros((), dtype=dt)
+        kl_sum = (reference.kl(lp, r, c.kl_estimator) * w).sum() if c.has_ref else pol.new_zeros(())
         total = pol
         if c.entropy_coef:
             total = total - c.entropy_coef * ent_sum
