@@ -410,3 +410,35 @@ def test_linear_dtypes(backend, loss_type, dtype):
 @pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_linear_packed(backend, loss_type, agg):
     _linear_check(backend, loss_type, agg, True, torch.float32, packed=True, chunk_size=5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_nan_and_huge_ratios(loss_type):
+    """A NaN logp reaches the loss and its sequence's (gspo) or its own (ppo, cispo) gradients, as in the
+    reference; huge log-ratios (|logp - old_logp| of 30, past both the ±20 and gspo's 10 clamps) stay finite."""
+    lp, old, adv, m, _ = _policy_inputs(seed=8)
+    m[2] = True
+    old[3, :5] = lp[3, :5] - 30.0
+    old[2, :2] = lp[2, :2] + 30.0
+    x64 = _leaves((lp, old, adv), torch.float64)
+    expect = ref.ppo_policy_loss(*x64, m, agg="seq-mean-token-mean", loss_type=loss_type)
+    expect[0].backward()
+    assert torch.isfinite(expect[0]) and torch.isfinite(x64[0].grad).all()
+    for b in backends("ppo_policy_loss"):
+        x = _leaves((lp, old, adv), torch.float64)
+        out = rf.ppo_policy_loss(*x, m, agg="seq-mean-token-mean", loss_type=loss_type, backend=b)
+        out[0].backward()
+        _compare(out, expect, x, x64, torch.float64, f"{b} {loss_type} huge ratios")
+    lp_nan = lp.clone()
+    lp_nan[2, 4] = float("nan")
+    x64 = _leaves((lp_nan, old, adv), torch.float64)
+    expect = ref.ppo_policy_loss(*x64, m, agg="token-sum", loss_type=loss_type)
+    expect[0].backward()
+    assert expect[0].isnan()
+    for b in backends("ppo_policy_loss"):
+        x = _leaves((lp_nan, old, adv), torch.float64)
+        out = rf.ppo_policy_loss(*x, m, agg="token-sum", loss_type=loss_type, backend=b)
+        out[0].backward()
+        assert out[0].isnan(), b
+        for a, e, n in zip(x, x64, ("logp", "old", "adv")):
+            assert torch.equal(_grad(a).isnan(), _grad(e).isnan()), (b, loss_type, n)
