@@ -14,7 +14,16 @@ What register() does:
     (verl passes them only to its own ``gae``), and ``need_critic`` so ``rf_gae`` starts a critic as ``gae`` does;
   - replaces ``compute_value_loss`` and ``kl_penalty`` in every loaded verl module holding them
     (core_algos and verl/workers/utils/losses.py).
-unregister() restores all of it (the registry entries are removed).
+  - the hot path, with no config change (docs/verl.md has the table and measurements): in every loaded verl
+    module holding them, ``logprobs_from_logits``, ``entropy_from_logits(_with_chunking)``, the torch backend of
+    ``FusedLinearForPPO``, ``linear_cross_entropy`` (with ``dist_process_group``) and Megatron's
+    ``vocab_parallel_entropy(_with_chunking)`` / ``vocab_parallel_log_probs_from_logits`` (TP group from
+    ``parallel_state``) run on rf's row kernels, with verl's signatures, output dtypes and shapes; and the FSDP /
+    Megatron engine methods that ask for entropy and then log-probs of the same logits get both from one rf
+    pass (Megatron: without its clone of the logits). A module register() cannot import stays verl's, with a
+    RuntimeWarning naming it.
+unregister() restores all of it (the registry entries are removed), also in verl modules imported after
+register().
 Differences from verl: positions with response_mask = 0 are 0 in the rf_* advantages and returns (verl leaves
 carried values there; no loss reads them); the advantages are fp32.
 """
