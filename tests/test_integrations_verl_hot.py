@@ -191,14 +191,15 @@ def test_linear_cross_entropy_matches_verl_math(hot, reduction):
 
 
 # ----------------------------------------------------------------------------- the FSDP engine's double pass
-def _fsdp_call(mod, method, logits, labels, chunked, calc_entropy=True):
+def _fsdp_call(mod, method, logits, labels, chunked, calc_entropy=True, compiled=False):
     """FSDPEngineWithLMHead.prepare_model_outputs on a remove-padding micro batch (2 sequences, 4 + 3 tokens)."""
     eng = object.__new__(mod.FSDPEngineWithLMHead)
     eng.engine_config = types.SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=chunked,
                                               entropy_from_logits_chunk_size=3)
     eng.use_ulysses_sp = False
     # an engine built before register(): it holds verl's own entropy function
-    eng.compute_entropy_from_logits = VERL["entropy_from_logits_with_chunking" if chunked else "entropy_from_logits"]
+    fn = VERL["entropy_from_logits_with_chunking" if chunked else "entropy_from_logits"]
+    eng.compute_entropy_from_logits = torch.compile(fn, dynamic=True) if compiled else fn  # verl's use_torch_compile
     offsets = torch.tensor([0, 4, 7])
     micro_batch = {"input_ids": torch.nested.nested_tensor_from_jagged(labels, offsets),
                    "calculate_entropy": calc_entropy, "use_remove_padding": True}
@@ -208,8 +209,8 @@ def _fsdp_call(mod, method, logits, labels, chunked, calc_entropy=True):
     return method(eng, output, output_args, micro_batch, None)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_fsdp_engine_one_pass_matches_verl(hot, monkeypatch, chunked):
+@pytest.mark.parametrize("chunked,compiled", [(False, False), (True, False), (False, True)])
+def test_fsdp_engine_one_pass_matches_verl(hot, monkeypatch, chunked, compiled):
     mod = _fsdp()
     verl_method = mod.FSDPEngineWithLMHead.prepare_model_outputs.__wrapped__
     V = 77
@@ -218,7 +219,7 @@ def test_fsdp_engine_one_pass_matches_verl(hot, monkeypatch, chunked):
     passes = []
     logprobs = rf_verl.F.logprobs
     monkeypatch.setattr(rf_verl.F, "logprobs", lambda *a, **k: passes.append(1) or logprobs(*a, **k))
-    out = _fsdp_call(mod, mod.FSDPEngineWithLMHead.prepare_model_outputs, x, labels, chunked)
+    out = _fsdp_call(mod, mod.FSDPEngineWithLMHead.prepare_model_outputs, x, labels, chunked, compiled=compiled)
     assert len(passes) == 1 and hot["fused_entropy_logprobs"] == 1, "entropy and log-probs in one rf pass"
     # verl's own method with verl's own functions, in float64
     rf_verl.unregister()
