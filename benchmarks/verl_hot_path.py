@@ -18,8 +18,8 @@ the Megatron engine step and rf's linear_cross_entropy(dist_process_group) for a
 count the elements each side sends through c10d per step (a dispatch mode over the c10d ops); rank 0 writes
 verl_hot_path_tp2.{json,md}. Peaks are not recorded there.
 Time: median of repetitions (time.perf_counter). Peak: the rise of the resident-set high-water mark over one call,
-the gradients of the leaves included (they start unallocated) (the harness's CPU measure; the process re-executes itself with MALLOC_MMAP_THRESHOLD_ so that freed tensors go
-back to the system and the high-water mark is the tensors' peak). Ratios verl / rf: above 1, rf is faster or
+the leaves' gradients included (they start unallocated): the harness's CPU measure, with the process re-executed
+under MALLOC_MMAP_THRESHOLD_ so that freed tensors go back to the system and the high-water mark is the tensors'. Ratios verl / rf: above 1, rf is faster or
 smaller. CPU numbers, labelled so; writes verl_hot_path.json and .md into benchmarks/results/cpu/ (or --out).
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-tf = pytest.importorskip("verl.utils.torch_functional", reason="verl is not installed (pip install verl==0.9.1 --no-deps)")
+tf = pytest.importorskip("verl.utils.torch_functional",
+                         reason="verl is not installed (pip install verl==0.9.1 --no-deps)")
 etf = importlib.import_module("verl.utils.experimental.torch_functional")
 lce = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 pytest.importorskip("verl.utils.torch_functional", reason="verl is not installed (pip install verl==0.9.1 --no-deps)")
-pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install --no-deps megatron-core==0.16.1)")
+pytest.importorskip("megatron.core",
+                    reason="megatron-core is not installed (pip install --no-deps megatron-core==0.16.1)")
 
 import rlhf_fast as rf  # noqa: E402
 
