@@ -347,3 +347,32 @@ def test_register_warns_for_modules_it_cannot_import(monkeypatch):
         rf_verl.register()
     rf_verl.unregister()
     assert tf.logprobs_from_logits is VERL["logprobs_from_logits"]
+
+
+# ----------------------------------------------------------------------------- the benchmark script
+def test_verl_hot_path_benchmark_cases_run(megatron_tp1):
+    """benchmarks/verl_hot_path.py: every case runs on both sides at tiny sizes, and its table renders."""
+    from benchmarks import verl_hot_path as B
+    cases = B._cases(B.parse_args(["--rows", "8", "--vocab", "64", "--hidden", "16"]))
+    ran = []
+    try:
+        for name, (verl_step, rf_step, note) in cases.items():
+            if verl_step is None:
+                assert note.startswith("not measured")
+                continue
+            for side, step in (("verl", verl_step), ("rf", rf_step)):
+                (rf_verl.register if side == "rf" else rf_verl.unregister)()
+                for t in step.leaves:
+                    t.grad = None
+                step()
+                assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in step.leaves), (name, side)
+            ran.append(name)
+    finally:
+        rf_verl.unregister()
+    assert {"fsdp_engine_step", "megatron_engine_step", "FusedLinearForPPO", "logprobs_from_logits"} <= set(ran)
+    row = {"verl_ms": 2.0, "rf_ms": 1.0, "verl_peak_mib": 4.0, "rf_peak_mib": 1.0, "time_ratio_verl_over_rf": 2.0,
+           "peak_ratio_verl_over_rf": 4.0, "note": ""}
+    md = B.markdown({"verl": "0.9.1", "label": "CPU", "shape": {"N": 8, "V": 64, "H": 16, "dtype": "float32"},
+                     "threads": 1, "meta": {"device_name": "cpu", "git_commit": "x"}, "memory": "m",
+                     "cases": {"fsdp_engine_step": row, "linear_cross_entropy": {"note": "not measured"}}})
+    assert "| fsdp_engine_step | 2.0 | 1.0 | 2.00 | 4 | 1 | 4.00 |" in md
