@@ -295,7 +295,7 @@ def main():
         groups.insert(0, (pairs[rank // 2], rank % 2, 2, 100 * (rank // 2)))
     for group, r, tp, seed in groups:
         full = tp == world  # the groups of 2 inside 4 ranks: the checks that tell their group from WORLD
-        for dtype in (torch.float32, torch.bfloat16) if full else (torch.float32,):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64) if full else (torch.float32,):
             check_logprobs(group, r, tp, seed + 1, dtype=dtype)
         if full:
             check_logprobs(group, r, tp, seed + 2, uneven=True, temperature=1.0)
