@@ -4,6 +4,7 @@ engine methods that ask for entropy and log-probs of the same logits, against ve
 pass; restoration by unregister(), also in a verl module imported after register().
 The tensor-parallel swaps run in tests/test_integrations_verl_tp.py."""
 import importlib
+import inspect
 import sys
 import types
 import warnings
@@ -58,6 +59,26 @@ def _logits(shape, dtype, seed=0, sliced=False):
     x[..., 0, 5] = 40.0  # one peaked row
     x = x.to(dtype)
     return x[..., :-1, :] if sliced else x
+
+
+# ----------------------------------------------------------------------------- signatures
+def _params(fn, drop_first=False):
+    ps = list(inspect.signature(fn).parameters.values())[int(drop_first):]
+    return [(p.name, p.default, p.kind) for p in ps]
+
+
+def test_signatures_are_verls():
+    """Argument names, order, defaults and kinds of every swapped function are verl's."""
+    vtp = pytest.importorskip("verl.utils.megatron.tensor_parallel")
+    for name, fn in VERL.items():
+        assert _params(getattr(rf_verl, name)) == _params(fn), name
+    for name in ("vocab_parallel_entropy", "vocab_parallel_entropy_with_chunking",
+                 "vocab_parallel_log_probs_from_logits"):
+        assert _params(getattr(rf_verl, name)) == _params(getattr(vtp, name)), name
+    assert _params(rf_verl.linear_cross_entropy) == _params(lce.LinearCrossEntropy.forward, drop_first=True)
+    rf_cls = rf_verl._make_fused_linear_for_ppo(VERL_FUSED_LINEAR)
+    assert _params(rf_cls.forward) == _params(VERL_FUSED_LINEAR.forward)
+    assert _params(rf_cls.__init__) == _params(VERL_FUSED_LINEAR.__init__)
 
 
 # ----------------------------------------------------------------------------- torch_functional
