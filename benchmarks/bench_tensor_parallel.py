@@ -165,7 +165,8 @@ def main(argv=None):
             rec = {"tp": tp, "N": args.N, "V": args.V, "dtype": args.dtype, "impl": name, **r}
             records.append(rec)
             print(f"tp={tp} N={args.N} V={args.V} {args.dtype} {name:9s} {r['ms_median']:8.2f} ms "
-                  f"(p20 {r['ms_p20']:.2f}, p80 {r['ms_p80']:.2f})  {r['bytes_in']:>11,d} B in, {r['bytes_wire']:>11,d} B on the wire /call/rank  "
+                  f"(p20 {r['ms_p20']:.2f}, p80 {r['ms_p80']:.2f})  {r['bytes_in']:>11,d} B in, "
+                  f"{r['bytes_wire']:>11,d} B on the wire /call/rank  "
                   f"{r['collectives']}", flush=True)
     for tp in args.tp:
         by = {r["impl"]: r for r in records if r["tp"] == tp}

@@ -135,8 +135,9 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignor
     impl = select("linear_logprobs", hidden.device, backend)
     sh = _tp_shard(process_group, vocab_start, weight.shape[0], labels, ignore_index, hidden.device)
     if sh is not None:
-        logp, ent = _vp.linear_logprobs(hidden, weight, labels.long(), bias, sh, _backend_name("linear_logprobs", impl),
-                                        impl, temperature, ignore_index, reduce_hidden_grad)
+        logp, ent = _vp.linear_logprobs(hidden, weight, labels.long(), bias, sh,
+                                        _backend_name("linear_logprobs", impl), impl, temperature, ignore_index,
+                                        reduce_hidden_grad)
         return (logp, ent) if return_entropy else logp
     check.labels_in_range(labels, weight.shape[0], ignore_index)
     return impl(hidden, weight, labels.long(), bias, temperature, ignore_index, return_entropy)
@@ -679,8 +680,9 @@ def _linear_ppo_loss_tp(hidden, weight, labels, old_logp, advantages, mask, bias
     h, w = hidden.reshape(-1, hidden.shape[-1]), weight
     if head_dtype is not None:
         h, w = h.to(head_dtype), w.to(head_dtype)
-    logp, ent = _vp.linear_logprobs(h, w, labels.reshape(-1).long(), bias, sh, _backend_name("linear_logprobs", impl),
-                                    impl, temperature, -100, reduce_hidden_grad, chunk_size)
+    logp, ent = _vp.linear_logprobs(h, w, labels.reshape(-1).long(), bias, sh,
+                                    _backend_name("linear_logprobs", impl), impl, temperature, -100,
+                                    reduce_hidden_grad, chunk_size)
     logp, ent = logp.reshape(labels.shape), ent.reshape(labels.shape)
     if cu_seqlens is not None:
         p = Packing(cu_seqlens, labels)

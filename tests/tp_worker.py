@@ -137,6 +137,13 @@ def check_ppo(group, rank, tp, seed):
                 assert_rel(st[k], st_ref[k], 2e-5, f"{what} {k}")
             assert_rel(gx, gx_ref[..., lo:hi], 2e-5, f"{what} grad logits")
             assert_rel(go, gold_ref, 2e-5, f"{what} grad old_logp")
+            if agg == "seq-mean-token-mean" and be == BACKENDS[-1]:  # packed: the same loss from [N, V_r] rows
+                cu = torch.arange(0, B * T + 1, T)
+                flat = [t.reshape(B * T) for t in (labels, o, adv.float(), mask, rl.float(), w.float())]
+                lp_, st_ = rf.ppo_loss_from_logits(x.reshape(B * T, -1), flat[0], flat[1], flat[2], flat[3],
+                                                   **{**kw, "ref_logp": flat[4]}, weights=flat[5], cu_seqlens=cu,
+                                                   process_group=group, backend=be)
+                assert_rel(lp_, loss_ref, 2e-5, f"{what} packed")
             out = torch.stack([loss.detach(), *(st[k] for k in sorted(st))])
             allv = [torch.empty_like(out) for _ in range(tp)]
             dist.all_gather(allv, out, group=group)
