@@ -158,6 +158,7 @@ def _hidden(shape, V, dtype, seed=1):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_linear_for_ppo_matches_verl(hot, shape, dtype, tol):
     h, w, ids = _hidden(shape, 203, dtype)
+    h0, w0 = h.detach().clone(), w.detach().clone()
     mod = etf.FusedLinearForPPO()
     assert isinstance(mod, VERL_FUSED_LINEAR)
     logp, ent = mod(h, w, ids, 0.7)
@@ -174,6 +175,7 @@ def test_fused_linear_for_ppo_matches_verl(hot, shape, dtype, tol):
     assert_rel(h.grad, hr.grad, tol, "grad hidden")
     assert_rel(w.grad, wr.grad, tol, "grad weight")
     assert h.grad.dtype == w.grad.dtype == dtype
+    assert torch.equal(h.detach(), h0) and torch.equal(w.detach(), w0), "inputs changed"
     assert hot["FusedLinearForPPO"] == 1
 
 
@@ -194,6 +196,7 @@ def test_linear_cross_entropy_matches_verl_math(hot, reduction):
     """verl's linear_cross_entropy kernel is CUDA-only; its math is FusedLinearForPPO's (verl's own, the oracle),
     with flat [N] outputs, log-probs reduced by ``reduction``."""
     h, w, ids = _hidden((2, 4, 24), 150, torch.float32)
+    h0, w0 = h.detach().clone(), w.detach().clone()
     logp, ent = lce.linear_cross_entropy(h, w, ids, 0.9, reduction)
     hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     elogp, eent = VERL_FUSED_LINEAR()(hr.view(-1, 24), wr, ids.view(-1), 0.9)
@@ -208,6 +211,8 @@ def test_linear_cross_entropy_matches_verl_math(hot, reduction):
     assert h.grad.shape == h.shape
     assert_rel(h.grad.view(-1, 24), hr.grad.view(-1, 24), 1e-5, "grad hidden")
     assert_rel(w.grad, wr.grad, 1e-5, "grad weight")
+    assert torch.equal(h.detach(), h0) and torch.equal(w.detach(), w0), "inputs changed"
+    assert hot["linear_cross_entropy"] == 1
     with pytest.raises(ValueError, match="reduction"):
         lce.linear_cross_entropy(h, w, ids, 0.9, "avg")
 
