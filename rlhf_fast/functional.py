@@ -523,7 +523,7 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
     three terms, ``weights`` multiply the policy term only. ``loss_type``: "ppo", "gspo", "cispo" as in
     ppo_policy_loss. loss_type="ppo" without weights runs the fused kernel (one pass computes the terms);
     gspo, cispo or weights run the backend's row pass (rf.logprobs), the per-token [N] math of
-    ppo_policy_loss / kl / aggregate, and the row pass's backward with the per-row coefficients that
+    reference.ppo_loss_from_logprobs, and the row pass's backward with the per-row coefficients that
     autograd hands it: the same reads and writes of the logits.
     Returns (loss, stats: pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl if ref_logp given).
     Packed: logits [N, V] and [N] per-token inputs with cu_seqlens [S + 1]; a seq-mean agg scatters

@@ -165,23 +165,26 @@ def agg_scale(mask, agg="token-mean", num_tokens=None, num_seqs=None, cu_seqlens
     padded [S, T] call's; ``horizon``: its T for seq-mean-token-sum-norm, default the longest sequence).
     In float64 (counts and their reciprocals; callers cast to their math dtype)."""
     m = mask.to(torch.float64)
-    one = lambda d: torch.where(d != 0, d, torch.ones_like(d))  # noqa: E731  (a zero count gives 0, not NaN)
-    count = lambda v, default: one(default if v is None else torch.as_tensor(v, dtype=m.dtype, device=m.device))  # noqa: E731
+
+    def count(default, v=None):  # the given count or the local one; a zero count gives 0, not NaN
+        c = default if v is None else torch.as_tensor(v, dtype=m.dtype, device=m.device)
+        return torch.where(c != 0, c, torch.ones_like(c))
+
     if agg == "token-sum":
         return torch.ones_like(m)
     if agg == "token-mean":
-        return (1.0 / count(num_tokens, m.sum())).expand_as(m)
-    if cu_seqlens is None:
-        n_tok, T = m.sum(-1, keepdim=True).expand_as(m), m.shape[-1]
+        return (1.0 / count(m.sum(), num_tokens)).expand_as(m)
+    if cu_seqlens is None:  # tokens per sequence, broadcast to its tokens
+        per_seq, T = m.sum(-1), m.shape[-1]
+        n_tok = per_seq.unsqueeze(-1).expand_as(m)
     else:
         seq, lens = seq_ids(cu_seqlens, m.shape[0])
-        n_seq = torch.zeros(lens.shape[0], dtype=m.dtype, device=m.device).index_add(0, seq, m)
-        n_tok, T = n_seq[seq], horizon if horizon is not None else int(lens.max()) if lens.numel() else 1
-        n_rows = (n_seq > 0).to(m.dtype).sum()
-    rows = (m.sum(-1) > 0).to(m.dtype).sum() if cu_seqlens is None else n_rows
-    s = (n_tok > 0).to(m.dtype) / count(num_seqs, rows)
+        per_seq = torch.zeros(lens.shape[0], dtype=m.dtype, device=m.device).index_add(0, seq, m)
+        n_tok = per_seq[seq]
+        T = horizon if horizon is not None else int(lens.max()) if lens.numel() else 1
+    s = (n_tok > 0).to(m.dtype) / count((per_seq > 0).to(m.dtype).sum(), num_seqs)
     if agg == "seq-mean-token-mean":
-        s = s / one(n_tok)
+        s = s / count(n_tok)
     elif agg == "seq-mean-token-sum-norm":
         s = s / T
     return s
