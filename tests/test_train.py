@@ -195,8 +195,9 @@ def test_pretrain_exact_resume(tmp_path):
 def test_tiny_pipeline_writes_everything(tiny_run):
     out, res = tiny_run
     for stage in ("pretrain", "sft", "reward", "ppo"):
-        for f in ("model.safetensors", "ckpt.safetensors", "metrics.jsonl", "result.json"):
+        for f in ("model.safetensors", "metrics.jsonl", "result.json"):
             assert os.path.exists(os.path.join(out, stage, f)), (stage, f)
+        assert checkpoint.latest_state(os.path.join(out, stage)), stage  # the resumable DCP folder
     for f in ("metrics.jsonl", "summary.json", "curves.png"):
         assert os.path.exists(os.path.join(out, f)), f
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
