@@ -129,8 +129,13 @@ def wrap(d: Dist, trained: list, frozen: list = (), parallel: str = "auto", mixe
         from torch.nn.parallel import DistributedDataParallel
         return [DistributedDataParallel(m, device_ids=[d.device.index] if d.device.type == "cuda" else None)
                 for m in trained]
+    import warnings
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    # a value head returns values [B, T] as a squeezed view; FSDP warns that an in-place op on it would skip
+    # its backward hook. No stage writes into a model's output in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = mixed_precision_policy(mixed_precision, d.device)
     for m in (*trained, *frozen):
