@@ -136,6 +136,14 @@ def _single() -> bool:
     return not dist.is_initialized()
 
 
+def _dcp(fn, state, path):
+    """dcp.save / dcp.load; in one process without its warning that it assumes one process."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(state, checkpoint_id=path, no_dist=_single())
+
+
 def _barrier():
     import torch.distributed as dist
     if dist.is_initialized():
@@ -190,7 +198,7 @@ def save_state(out: str, step: int, modules: dict, optimizers: dict, rng: dict, 
     os.makedirs(tmp, exist_ok=True)
     from safetensors.torch import save_file
     save_file({k: v.cpu() for k, v in rng.items()}, os.path.join(tmp, f"rng-{rank}.safetensors"))
-    dcp.save(_dcp_state(modules, optimizers), checkpoint_id=tmp, no_dist=_single())
+    _dcp(dcp.save, _dcp_state(modules, optimizers), tmp)
     _barrier()
     if rank == 0:
         import torch.distributed as dist
@@ -218,7 +226,7 @@ def load_state(path: str, modules: dict, optimizers: dict) -> dict:
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f)
     state = _dcp_state(modules, optimizers)
-    dcp.load(state, checkpoint_id=path, no_dist=_single())
+    _dcp(dcp.load, state, path)
     for k, m in modules.items():
         set_model_state_dict(_unwrap(m), state["model"][k])
     for k, o in optimizers.items():

@@ -125,6 +125,8 @@ def wrap(d: Dist, trained: list, frozen: list = (), parallel: str = "auto", mixe
     d.parallel = pick_parallel(parallel, d, trained, frozen)
     if d.parallel == "none":
         return list(trained)
+    if d.main:
+        print(f"[rlhf-fast] parallel={d.parallel} over {d.world} processes ({dist.get_backend()})", flush=True)
     if d.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return [DistributedDataParallel(m, device_ids=[d.device.index] if d.device.type == "cuda" else None)
