@@ -155,7 +155,8 @@ def run(args) -> dict:
                     row[k] = max(r[k] for r in ranks)  # the worst rank
             results.append(row)
     n_params = 4 * sum(p.numel() for p in _model(args).parameters())
-    meta = {"device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    meta = {"device": args.device, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "cpu_count": os.cpu_count(), "models": "policy + critic (AdamW) + reference + reward model",
             "params_total": n_params, **{k: getattr(args, k) for k in ("d_model", "n_layer", "n_head", "block_size",
                                                                        "batch", "steps", "gen_batch", "new_tokens")}}
@@ -178,7 +179,8 @@ def markdown(res: dict) -> str:
              "Peaks are resident-set rises over the process after imports "
              f"({res['results'][0].get('rss_import_mb', 0):.0f} MB), per phase.", "",
              "| world | parallel | params+grads+optim per rank (MB) | peak build (MB) | resident after wrap (MB) "
-             "| peak train (MB) | s/step | generate gathered once: s, peak MB | generate gather per forward: s, peak MB |",
+             "| peak train (MB) | s/step | generate gathered once: s, peak MB "
+             "| generate gather per forward: s, peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         if "error" in r:
@@ -186,7 +188,8 @@ def markdown(res: dict) -> str:
             continue
         per_fwd = (f"{r['generate_gather_per_forward_s']:.3f}, {r['peak_gen_per_forward_mb']:.0f}"
                    if "generate_gather_per_forward_s" in r else "-")
-        lines.append(f"| {r['world']} | {r['parallel']} | {r['state_mb']:.1f} | {r['peak_build_mb']:.0f} | {r['after_wrap_mb']:.0f} | "
+        lines.append(f"| {r['world']} | {r['parallel']} | {r['state_mb']:.1f} | {r['peak_build_mb']:.0f} | "
+                     f"{r['after_wrap_mb']:.0f} | "
                      f"{r['peak_train_mb']:.0f} | {r['step_s']:.3f} | {r['generate_gathered_once_s']:.3f}, "
                      f"{r['peak_gen_gathered_mb']:.0f} | {per_fwd} |")
     return "\n".join(lines) + "\n"

@@ -70,7 +70,7 @@ def main(out: str):
     mp.blocks[0].mlp.fc.register_forward_hook(lambda mod, inp, outp: seen.append((mod.weight.dtype, outp.dtype)))
     mp_net(x).logsumexp(-1).mean().backward()
     rec["bf16_compute"] = [str(a) for a in seen[0]]
-    rec["bf16_shard_dtypes"] = sorted({str(p.dtype) for p in mp.parameters()} | {str(p.grad.dtype) for p in mp.parameters()})
+    rec["bf16_shard_dtypes"] = sorted({str(t.dtype) for p in mp.parameters() for t in (p, p.grad)})
     with open(os.path.join(out, f"rank{d.rank}.json"), "w") as f:
         json.dump(rec, f)
 

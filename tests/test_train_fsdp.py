@@ -173,7 +173,8 @@ def test_sft_reward_ppo_under_fsdp(tmp_path):
         "ppo.max_new_tokens=6", "device=cpu", "parallel=fsdp")
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert os.path.exists(os.path.join(out, stage, "model.safetensors")), stage
-        assert json.load(open(os.path.join(checkpoint.latest_state(os.path.join(out, stage)), "state.json")))["world"] == 2
+        last = checkpoint.latest_state(os.path.join(out, stage))
+        assert json.load(open(os.path.join(last, "state.json")))["world"] == 2, stage
     ppo_rows = [r for r in rows(os.path.join(out, "ppo")) if "pg_loss" in r]
     assert len(ppo_rows) == 2
     for r in ppo_rows:

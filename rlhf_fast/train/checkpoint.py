@@ -176,7 +176,8 @@ def _dcp_state(modules: dict, optimizers: dict) -> dict:
     that owns its parameters."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     models = {k: get_model_state_dict(_unwrap(m)) for k, m in modules.items()}  # (FSDP: back to the shards)
-    return {"model": models, "optim": {k: get_optimizer_state_dict(_owner(modules, o), o) for k, o in optimizers.items()}}
+    optims = {k: get_optimizer_state_dict(_owner(modules, o), o) for k, o in optimizers.items()}
+    return {"model": models, "optim": optims}
 
 
 def _owner(modules: dict, opt):
@@ -232,5 +233,8 @@ def load_state(path: str, modules: dict, optimizers: dict) -> dict:
     for k, o in optimizers.items():
         set_optimizer_state_dict(_owner(modules, o), o, state["optim"][k])
     mine = os.path.join(path, f"rng-{_rank()}.safetensors")
-    rng = load_file(mine) if os.path.exists(mine) else {"data": load_file(os.path.join(path, "rng-0.safetensors"))["data"]}
+    if os.path.exists(mine):
+        rng = load_file(mine)
+    else:  # a rank the writing run did not have
+        rng = {"data": load_file(os.path.join(path, "rng-0.safetensors"))["data"]}
     return {**saved["meta"], "rng": rng}

@@ -249,7 +249,8 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
     for split in ("eval", "train"):
         log.log(it, **{f"{split}_{k}": v for k, v in after[split].items()})
     if it >= cfg.iterations:  # every rank: FSDP gathers the full weights
-        checkpoint.save_model(os.path.join(out, "model.safetensors"), policy, model_meta(policy, "ppo", {"step": it}))
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), policy,
+                              model_meta(policy, "ppo", {"step": it}))
     log.close()
     barrier(d)
     return {"stage": "ppo", "iterations": it, "before": before, "after": after, "history": history,

@@ -88,7 +88,8 @@ def train(cfg: PretrainConfig, out: str = "runs/pretrain", resume: bool = False)
     bar.close()
     last_eval = eval_loss(model, val_windows)
     if step >= cfg.steps:  # every rank: FSDP gathers the full weights
-        checkpoint.save_model(os.path.join(out, "model.safetensors"), model, model_meta(model, "pretrain", {"step": step}))
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), model,
+                              model_meta(model, "pretrain", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "pretrain", "steps": step, "first_loss": first_loss, "last_loss": loss_val,

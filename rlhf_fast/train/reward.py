@@ -89,7 +89,8 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     log.log(step, eval_acc=acc_after, **({"new_countries_acc": acc_new, "new_countries_wrong_acc": acc_wrong}
                                          if new_rows else {}))
     if step >= cfg.steps:  # every rank: FSDP gathers the full weights
-        checkpoint.save_model(os.path.join(out, "model.safetensors"), model, model_meta(model, "reward", {"step": step}))
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), model,
+                              model_meta(model, "reward", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "reward", "steps": step, "first_loss": first_loss, "last_loss": loss_val,

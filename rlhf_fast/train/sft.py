@@ -74,7 +74,8 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
     train_acc = answer_accuracy(model, train_rows, tok, d.device)
     log.log(step, eval_acc=acc_after, train_acc=train_acc)
     if step >= cfg.steps:  # every rank: FSDP gathers the full weights
-        checkpoint.save_model(os.path.join(out, "model.safetensors"), model, model_meta(model, "sft", {"step": step}))
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), model,
+                              model_meta(model, "sft", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "sft", "steps": step, "first_loss": first_loss, "last_loss": loss_val,
