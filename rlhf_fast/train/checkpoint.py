@@ -1,11 +1,9 @@
 """Checkpoints, written atomically so a reader never picks up half of one.
 
 Two kinds:
-- A model file (``model.safetensors``: the stage's result, the next stage's input, the export) and small
-  single-file checkpoints: named modules ("model", "critic", ...), optionally optimizers and RNG states as
-  tensors, and a JSON ``meta`` (stage, step, configs) in the safetensors metadata; temp file in the same
-  folder + os.replace. ``save_model`` gathers an FSDP-sharded model whole first. Optimizer state is
-  flattened to tensors ``optim.<name>.<param index>.<key>`` with the param groups in the metadata.
+- A model file (``model.safetensors``: the stage's result, the next stage's input, the export): named
+  modules ("model", ...) and a JSON ``meta`` (stage, step, model config) in the safetensors metadata; temp
+  file in the same folder + os.replace. ``save_model`` gathers an FSDP-sharded model whole first.
 - A stage's resumable state (``save_state`` / ``load_state``): a torch.distributed.checkpoint (DCP)
   folder ``<out>/ckpt-<step>/`` of models and optimizers keyed by parameter name, each rank writing
   its own shards (``__<rank>_0.distcp``, ``.metadata``), plus ``rng-<rank>.safetensors`` (each rank's
@@ -30,10 +28,11 @@ def _unwrap(m):
     return getattr(m, "module", m)  # DistributedDataParallel -> the model
 
 
-def save(path: str, modules: dict, *, optimizers: dict | None = None, rng: dict | None = None, meta: dict | None = None):
+def save(path: str, modules: dict, *, meta: dict | None = None):
+    """Named modules (or their state dicts) and a JSON ``meta`` in one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    tensors, optim_meta, seen = {}, {}, set()
+    tensors, seen = {}, set()
     for name, m in modules.items():  # a module, or its state dict
         for k, v in (m if isinstance(m, dict) else _unwrap(m).state_dict()).items():
             v = v.detach().contiguous().cpu()
@@ -42,16 +41,7 @@ def save(path: str, modules: dict, *, optimizers: dict | None = None, rng: dict 
             # safetensors refuses: store a copy under the second name; loading fills both again
             tensors[f"{name}.{k}"] = v.clone() if ptr in seen else v
             seen.add(ptr)
-    for name, opt in (optimizers or {}).items():
-        sd = opt.state_dict()
-        for pid, st in sd["state"].items():
-            for k, v in st.items():
-                v = v if torch.is_tensor(v) else torch.tensor(v)
-                tensors[f"optim.{name}.{pid}.{k}"] = v.detach().contiguous().cpu()
-        optim_meta[name] = sd["param_groups"]
-    for name, state in (rng or {}).items():
-        tensors[f"rng.{name}"] = state.cpu()
-    metadata = {META_KEY: json.dumps({"meta": meta or {}, "optim": optim_meta})}
+    metadata = {META_KEY: json.dumps({"meta": meta or {}})}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
@@ -86,30 +76,6 @@ def meta(path: str) -> dict:
 def module_state(tensors: dict, name: str) -> dict:
     prefix = name + "."
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def load(path: str, modules: dict, *, optimizers: dict | None = None, strict: bool = True) -> dict:
-    """Load modules (and optimizers) in place; returns the meta dict (and the RNG states under "rng")."""
-    tensors, md = read(path)
-    for name, m in modules.items():
-        sd = module_state(tensors, name)
-        if not sd:
-            raise ValueError(f"checkpoint {path} has no module {name!r}")
-        _unwrap(m).load_state_dict(sd, strict=strict)
-    for name, opt in (optimizers or {}).items():
-        groups = md["optim"].get(name)
-        if groups is None:
-            raise ValueError(f"checkpoint {path} has no optimizer {name!r}")
-        state = {}
-        prefix = f"optim.{name}."
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                pid, key = k[len(prefix):].split(".", 1)
-                state.setdefault(int(pid), {})[key] = v
-        opt.load_state_dict({"state": state, "param_groups": groups})
-    out = dict(md["meta"])
-    out["rng"] = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return out
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
