@@ -271,6 +271,56 @@ def _plot(result, path):
     plt.close(fig)
 
 
+def compare_loss_types(B=8, T=128, H=512, V=32000, reps=3, backend="cpu", device="cpu", dtype=torch.float32,
+                       chunk_size=None, out_dir=None):
+    """The cost of loss_type (and weights) in linear_ppo_loss, as ratios to loss_type="ppo" in the same run:
+    forward + backward, repetitions interleaved; agg seq-mean-token-mean (sequences = the B rows of T).
+    "ppo" runs the fused pass; "ppo+weights" and "cispo" the general pass (row pass, reference per-token
+    math under autograd, row backward); "gspo" the general pass after a logp-only pass over every chunk
+    (one more GEMM and row pass per chunk). Writes linear_ppo_loss_loss_types.json."""
+    torch.manual_seed(0)
+    i = make_inputs(dict(N=B * T, H=H, V=V), dtype, device)
+    i = {k: (v.reshape(B, T, *v.shape[1:]).detach().requires_grad_(v.requires_grad) if k != "weight" else v)
+         for k, v in i.items()}
+    weights = torch.rand(B, T, device=device)
+    memory = Memory(device)
+    kw = {**KW, "ref_logp": i["ref_logp"], "agg": "seq-mean-token-mean", "chunk_size": chunk_size,
+          "backend": backend}
+    cases = {"ppo": dict(loss_type="ppo"), "ppo+weights": dict(loss_type="ppo", weights=weights),
+             "gspo": dict(loss_type="gspo", dual_clip=None), "cispo": dict(loss_type="cispo", dual_clip=None)}
+
+    def run(case):
+        loss, _ = rf.linear_ppo_loss(i["hidden"], i["weight"], i["labels"], i["old_logp"], i["advantages"], i["mask"],
+                                     **{**kw, **cases[case]})
+        loss.backward()
+        i["hidden"].grad = i["weight"].grad = None
+
+    runs = {}
+    for case in cases:
+        run(case)  # warm-up
+        peak, extra = memory.measure(lambda: run(case))
+        runs[case] = {"mem_extra_bytes": extra, "_times": []}
+    for _ in range(reps):  # interleaved: a change in the machine's load hits every case alike
+        for case in cases:
+            t0 = time.perf_counter()
+            run(case)
+            runs[case]["_times"].append((time.perf_counter() - t0) * 1e3)
+    for r in runs.values():
+        r["time_ms"] = quantiles(r.pop("_times"))
+    base = runs["ppo"]["time_ms"]["p50"]
+    from rlhf_fast.ops.linear_ppo_loss import default_chunk_rows
+
+    result = {"meta": environment(device), "backend": backend, "shape": dict(B=B, T=T, N=B * T, H=H, V=V),
+              "dtype": DTYPE_NAMES[dtype], "agg": "seq-mean-token-mean", "threads": torch.get_num_threads(),
+              "chunk_rows": chunk_size or default_chunk_rows(B * T, V), "memory_note": memory.note, "runs": runs,
+              "time_ratio_vs_ppo": {c: r["time_ms"]["p50"] / base for c, r in runs.items()}}
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results", device_slug(device))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "linear_ppo_loss_loss_types.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 # the defaults of each mode: (N, H, V, dtype, reps, chunk sizes)
 DEFAULTS = {"cpu": dict(N=1024, H=512, V=151936, dtype="float32", reps=3, chunk_sizes=[None]),
             "cuda": dict(N=16384, H=4096, V=151936, dtype="bfloat16", reps=10, chunk_sizes=[None, 1024, 2048])}
@@ -301,6 +351,8 @@ def parse_args(argv=None):
                     help="also time the three GEMMs of the same shapes (default: on a GPU only)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--loss-types", action="store_true", help="instead: the cost of loss_type gspo / cispo and "
+                    "weights relative to ppo (compare_loss_types; B=8 sequences of N/8 tokens)")
     a = ap.parse_args(argv)
     mode = "cuda" if a.device.startswith("cuda") else "cpu"
     if mode == "cpu" and a.device != "cpu":
@@ -317,6 +369,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.loss_types:
+        r = compare_loss_types(8, a.N // 8, a.H, a.V, a.reps, backend=a.backend, device=a.device,
+                               dtype=DTYPES[a.dtype], chunk_size=(a.chunk_sizes or [None])[0], out_dir=a.out)
+        for c, run in r["runs"].items():
+            print(f"{c:12s} {run['time_ms']['p50']:10.2f} ms  x{r['time_ratio_vs_ppo'][c]:.3f} of ppo   "
+                  f"extra {(run['mem_extra_bytes'] or 0) / 2**20:8.1f} MiB")
+        return r
     r = compare(a.N, a.H, a.V, a.reps, backend=a.backend, out_dir=a.out, plots=not a.no_plots, device=a.device,
                 dtype=DTYPES[a.dtype], chunk_sizes=a.chunk_sizes, gemm=a.gemm_baseline, warmup=a.warmup)
     print(f"{r['meta']['device_name']}, {r['dtype']}, N={a.N} H={a.H} V={a.V}, backend {r['backend']}, "

@@ -173,6 +173,17 @@ def test_linear_ppo_loss_bench_cpu(tmp_path):
     assert gh.shape == h.shape and gw.shape == w.shape
 
 
+def test_linear_ppo_loss_bench_loss_types(tmp_path):
+    """bench_linear_ppo_loss --loss-types at a tiny size: every case timed, ratios to ppo, the JSON on disk."""
+    from benchmarks import bench_linear_ppo_loss as B
+
+    r = B.main(["--loss-types", "--N", "32", "--H", "8", "--V", "40", "--reps", "1", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "linear_ppo_loss_loss_types.json").read_text())
+    assert set(on_disk["runs"]) == {"ppo", "ppo+weights", "gspo", "cispo"} and on_disk["shape"]["N"] == 32
+    assert r["time_ratio_vs_ppo"]["ppo"] == 1.0 and all(v > 0 for v in r["time_ratio_vs_ppo"].values())
+    assert all(run["time_ms"]["n"] == 1 for run in r["runs"].values())
+
+
 def test_gpu_benchmarks_parse_without_a_gpu():
     """The CUDA mode of the GPU run's benchmarks: the issue's sizes by default, flags override, and without a
     GPU a clear exit rather than numbers."""

@@ -148,6 +148,30 @@ def check_ppo(group, rank, tp, seed):
             allv = [torch.empty_like(out) for _ in range(tp)]
             dist.all_gather(allv, out, group=group)
             assert all(torch.equal(a, out) for a in allv), f"ranks differ: {what}"
+    # loss_type (docs/losses.md): gspo's sequences are the rows, or the packed sequences of cu_seqlens
+    cu = torch.tensor([0, 5, 6, 12])
+    for lt in ("gspo", "cispo"):
+        kw = dict(ref_logp=rl, kl_coef=0.05, entropy_coef=0.01, clip_high=0.28, loss_type=lt, agg="token-mean")
+        x64 = full.clone().requires_grad_()
+        loss_ref, _ = ref.ppo_loss_from_logits(x64, labels, old, adv, mask, **kw, weights=w)
+        (gx_ref,) = torch.autograd.grad(loss_ref, (x64,))
+        p = rf.functional.Packing(cu, labels.reshape(-1))
+        pk = dict(kw, ref_logp=p.pad(rl.reshape(-1)))
+        packed_ref, _ = ref.ppo_loss_from_logits(p.pad(full.reshape(B * T, -1)), p.pad(labels.reshape(-1), -100),
+                                                 p.pad(old.reshape(-1)), p.pad(adv.reshape(-1)),
+                                                 p.pad(mask.reshape(-1)), **pk, weights=p.pad(w.reshape(-1)))
+        be = BACKENDS[-1]
+        x = full.float()[..., lo:hi].requires_grad_()
+        loss, _ = rf.ppo_loss_from_logits(x, labels, old.float(), adv.float(), mask, **{**kw, "ref_logp": rl.float()},
+                                          weights=w.float(), process_group=group, backend=be)
+        (gx,) = torch.autograd.grad(loss, (x,))
+        assert_rel(loss, loss_ref, 2e-5, f"ppo tp={tp} {lt}")
+        assert_rel(gx, gx_ref[..., lo:hi], 2e-5, f"ppo tp={tp} {lt} grad logits")
+        flat = [t.float().reshape(B * T) for t in (old, adv, rl, w)]
+        lp_, _ = rf.ppo_loss_from_logits(x.detach().reshape(B * T, -1), labels.reshape(-1), flat[0], flat[1],
+                                         mask.reshape(-1), **{**kw, "ref_logp": flat[2]}, weights=flat[3],
+                                         cu_seqlens=cu, process_group=group, backend=be)
+        assert_rel(lp_, packed_ref, 2e-5, f"ppo tp={tp} {lt} packed")
 
 
 def check_linear(group, rank, tp, seed):
@@ -205,6 +229,19 @@ def check_linear(group, rank, tp, seed):
         assert_rel(st["entropy"], st_ref["entropy"], 2e-5, what)
         assert_rel(gh, gh_ref, 2e-5, f"{what} grad hidden")
         assert_rel(gw, gw_ref[lo:hi], 2e-5, f"{what} grad weight")
+    # gspo with weights and a global normaliser through the sharded head
+    wt = torch.rand(B, T, generator=g, dtype=torch.float64)
+    h64, w64 = hid.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_ref, _ = ref.linear_ppo_loss(h64, w64, lab, old, adv, mask, agg="seq-mean-token-sum", weights=wt, num_seqs=3,
+                                      loss_type="gspo")
+    gh_ref, gw_ref = torch.autograd.grad(loss_ref, (h64, w64))
+    h, w = hid.float().requires_grad_(), weight.float()[lo:hi].clone().requires_grad_()
+    loss, _ = rf.linear_ppo_loss(h, w, lab, old.float(), adv.float(), mask, agg="seq-mean-token-sum", weights=wt.float(),
+                                 num_seqs=3, loss_type="gspo", process_group=group, vocab_start=lo, chunk_size=3)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert_rel(loss, loss_ref, 2e-5, f"linear_ppo_loss tp={tp} gspo")
+    assert_rel(gh, gh_ref, 2e-5, f"linear_ppo_loss tp={tp} gspo grad hidden")
+    assert_rel(gw, gw_ref[lo:hi], 2e-5, f"linear_ppo_loss tp={tp} gspo grad weight")
 
 
 def check_comm(group, rank, tp):
