@@ -154,6 +154,82 @@ def test_gspo_goes_to_openrlhf(patched):
     assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before + 1 and torch.equal(a[0], b[0])
 
 
+# OpenRLHF's IS-correction settings (level, mode, gating, threshold) with bands that bite on _is_batch's data
+IS_CONFIGS = [("token", "clip", "ratio", (0.8, 1.25)), ("token", "mask", "ratio", (0.8, 1.25)),
+              ("seq", "mask", "ratio", (0.97, 1.05)), ("token", "mask", "binary_kl", (0.0, 0.006)),
+              ("seq", "mask", "binary_kl", (0.0, 0.04)), ("token", "mask", "tv", (0.0, 0.04)),
+              ("seq", "mask", "tv", (-1.0, 0.07))]
+
+
+def _is_batch(seed=5, B=6, T=10):
+    """Trainer and rollout log-probs of sampled tokens (probabilities 0.05..0.95), a mask with padding, a hole
+    and an empty last row."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B + 1, T, generator=g, dtype=torch.float64) * 3 - 0.05
+    roll = (old + 0.3 * torch.randn(B + 1, T, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
+    mask = (torch.arange(T)[None] < torch.tensor([10, 7, 1, 9, 4, 10, 0])[:, None]).double()
+    mask[0, 3:5] = 0
+    return old, roll, mask
+
+
+def _openrlhf_is_coefficients(level, mode, gating, threshold, old, roll, mask):
+    """OpenRLHF's own per-token IS coefficient, read off its PolicyLoss: with log_probs = old_log_probs (ratio 1)
+    and a token-sum loss, loss = Σ coef·(-A)·mask, so d loss / d A = -coef·mask."""
+    adv = torch.zeros_like(old).requires_grad_()
+    pl = ORIG_POLICY(is_correction_level=level, is_correction_mode=mode, is_correction_gating=gating,
+                     is_correction_threshold=threshold)
+    out = pl(old, old, adv, mask, rollout_log_probs=roll, batch_num_tokens=1.0)
+    out[0].backward()
+    return -adv.grad, out
+
+
+@pytest.mark.parametrize("cfg", IS_CONFIGS, ids=lambda c: "-".join(map(str, c[:3])))
+def test_is_correction_weights_are_openrlhfs(cfg):
+    """rf.rollout_correction (via the adapter's mapping) gives OpenRLHF's coefficients and filter ratio."""
+    old, roll, mask = _is_batch()
+    coef, out = _openrlhf_is_coefficients(*cfg, old, roll, mask)
+    w, frac = rf_orl.is_correction_weights(old, roll, mask, *cfg)
+    assert_rel(w, coef, 1e-14, "IS coefficients")
+    assert 0 < float(frac) < 1  # the band bites, and not everywhere
+    assert float(frac) == pytest.approx(float(out[4]), rel=1e-7)  # OpenRLHF's seq-level ratio is float32
+
+
+@pytest.mark.parametrize("cfg", IS_CONFIGS, ids=lambda c: "-".join(map(str, c[:3])))
+@pytest.mark.parametrize("token_level", [True, False])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_is_corrected_policy_loss_runs_on_rf(patched, cfg, token_level, dual_clip):
+    old, roll, mask = _is_batch(seed=6)
+    g = torch.Generator().manual_seed(7)
+    lp = old + 0.2 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    adv = torch.randn(old.shape, generator=g, dtype=torch.float64)
+    kw = dict(dp_size=2, batch_num_tokens=90.0, global_batch_size=11.0) if dual_clip else {}
+    level, mode, gating, threshold = cfg
+    res = []
+    before = dict(rf_orl.calls)
+    for cls in (L.PolicyLoss, ORIG_POLICY):
+        leaves = [t.clone().requires_grad_() for t in (lp, old, adv)]
+        pl = cls(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level, is_correction_level=level,
+                 is_correction_mode=mode, is_correction_gating=gating, is_correction_threshold=threshold)
+        out = pl(*leaves, mask, rollout_log_probs=roll, **kw)
+        out[0].backward()
+        res.append((out, [t.grad for t in leaves]))
+    assert rf_orl.calls["PolicyLoss"] == before.get("PolicyLoss", 0) + 1
+    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before.get("PolicyLoss_to_openrlhf", 0)
+    (o1, g1), (o2, g2) = res
+    tol = 1e-12 if token_level else 1e-7  # OpenRLHF adds 1e-8 to the per-row token count
+    for i, what in enumerate(("loss", "clip_ratio", "ppo_kl", "vllm_kl")):
+        assert_rel(o1[i], o2[i], tol, what)
+    assert_rel(o1[4], o2[4], 1e-7, "is_filter_ratio")  # OpenRLHF's seq-level ratio is float32
+    for a, b, what in zip(g1, g2, ("d log_probs", "d old_log_probs", "d advantages")):
+        assert_rel(a, b, tol, what)
+
+
+def test_is_correction_without_rollout_log_probs_says_so(patched):
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs rollout_log_probs"):
+        L.PolicyLoss(is_correction_level="token")(x, x, x, torch.ones(2, 4))
+
+
 def _experience_maker():
     try:
         return importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker").RemoteExperienceMaker

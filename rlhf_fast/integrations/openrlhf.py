@@ -79,24 +79,56 @@ def _ones_if_none(mask, like):
     return torch.ones_like(like) if mask is None else mask
 
 
+_IS_LEVELS = {"token": "token", "seq": "geometric"}  # OpenRLHF's seq gate reads the per-sequence mean
+
+
+def is_correction_weights(old_log_probs, rollout_log_probs, mask, level, mode, gating, threshold):
+    """OpenRLHF's PolicyLoss IS-correction coefficients on rf.rollout_correction -> (weights, is_filter_ratio).
+
+    level token|seq, mode clip|mask, gating ratio|binary_kl|tv, threshold (low, high): survivors of a mask keep
+    their own token's ratio; clip clamps the token ratio. is_filter_ratio as OpenRLHF reports it: over valid
+    tokens at token level, over all rows at seq level (a row without a valid token counts as filtered)."""
+    if rollout_log_probs is None:
+        raise ValueError(f"is_correction_level={level!r} needs rollout_log_probs (the rollout engine's log-probs)")
+    low, high = (float(t) for t in threshold)
+    clip = mode == "clip"
+    w, st = F.rollout_correction(old_log_probs, rollout_log_probs, mask, level=_IS_LEVELS[level],
+                                 mode="truncate" if clip else "mask", low=low if low > 0 else None, high=high,
+                                 gate=gating, keep="unit" if clip else "token")
+    name = "truncated" if clip else "masked"
+    if level == "token":
+        return w, st[f"{name}_frac"]
+    rows = (mask != 0).any(-1)
+    n = rows.to(w.dtype).sum()
+    return w, (st[f"{name}_seq_frac"] * n + (rows.numel() - n)) / max(rows.numel(), 1)
+
+
 def _policy_loss_class(base):
     class PolicyLoss(base):
-        """OpenRLHF's PolicyLoss with the PPO path on rf.ppo_policy_loss."""
+        """OpenRLHF's PolicyLoss with the PPO path and its IS corrections on rf.ppo_policy_loss and
+        rf.rollout_correction."""
 
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                     batch_num_tokens=None, global_batch_size=None):
-            if self.policy_loss_type != "ppo" or self.is_correction_level != "off":
+            if self.policy_loss_type != "ppo":
                 calls["PolicyLoss_to_openrlhf"] += 1
                 return super().forward(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
                                        batch_num_tokens, global_batch_size)
             calls["PolicyLoss"] += 1
             mask = _ones_if_none(action_mask, log_probs)
             agg, kw = _agg(self.token_level_loss, mask, dp_size, batch_num_tokens, global_batch_size)
+            weights = vllm_kl = is_filter_ratio = None
+            if self.is_correction_level != "off":
+                weights, is_filter_ratio = is_correction_weights(
+                    old_log_probs, rollout_log_probs, mask, self.is_correction_level, self.is_correction_mode,
+                    self.is_correction_gating, self.is_correction_threshold)
+                vllm_kl = F.masked_mean((rollout_log_probs - old_log_probs).detach(), mask)
             loss, st = F.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
-                                         clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg, **kw)
+                                         clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg,
+                                         weights=weights, **kw)
             # OpenRLHF's ppo_kl is over the unclamped log-ratio (rf's approx_kl clamps it at ±20 like the ratio)
             ppo_kl = F.masked_mean(-(log_probs - old_log_probs).detach(), mask)
-            return loss, st["clipfrac"], ppo_kl, None, None
+            return loss, st["clipfrac"], ppo_kl, vllm_kl, is_filter_ratio
 
     return PolicyLoss
 
