@@ -26,11 +26,13 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // estimator k1|k2|k3|abs with an optional "+" (k2's gradient) -> out, d out/d logp
   // (d out / d ref_logp = -d out / d logp)
   m.def("kl_fwd(Tensor logp, Tensor ref_logp, str estimator, float? clamp) -> (Tensor, Tensor)");
-  // agg token-mean|seq-mean-token-sum|seq-mean-token-mean ([B, T] for the seq modes)
+  // agg token-mean|seq-mean-token-sum|seq-mean-token-mean ([B, T] for the seq modes); loss_type 0 ppo, 1 gspo
+  // (seq_log_ratio: each token's sequence log-ratio, required), 2 cispo (reference.policy_token_loss)
   // -> loss [], stats [clipfrac, approx_kl, dual_clipfrac], d loss/d logp, d loss/d advantages
-  // (d loss / d old_logp = -d loss / d logp)
+  // (d loss / d old_logp = -d loss / d logp for ppo, 0 for gspo and cispo)
   m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "
-        "float clip_high, float? dual_clip, str agg) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float clip_high, float? dual_clip, str agg, int loss_type=0, Tensor? seq_log_ratio=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // -> loss [], stats [vf_clipfrac], d loss/d values, d loss/d old_values
   // (d loss / d returns = -(d loss/d values + d loss/d old_values))
   m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "

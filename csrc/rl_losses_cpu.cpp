@@ -79,17 +79,21 @@ std::tuple<at::Tensor, at::Tensor> segmented_loss(int agg, int64_t numel, int64_
 // (d loss / d old_logp = -d loss / d logp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
-    double clip_low, double clip_high, std::optional<double> dual_clip, c10::string_view agg_name) {
+    double clip_low, double clip_high, std::optional<double> dual_clip, c10::string_view agg_name, int64_t loss_type,
+    const std::optional<at::Tensor>& seq_log_ratio) {
   check_loss_inputs("ppo_policy_loss", logp, old_logp, advantages, &mask);
-  const int agg = parse_agg(agg_name);
+  const int agg = parse_agg(agg_name), ltype = parse_loss_type(loss_type);
   const auto [seg_len, nseg] = loss_segments("ppo_policy_loss", agg, logp);
+  const bool has_seq = seq_log_ratio.has_value() && seq_log_ratio->defined();
+  TORCH_CHECK(ltype != kGspo || has_seq, "ppo_policy_loss: loss_type gspo needs seq_log_ratio");
+  if (has_seq) check_loss_inputs("ppo_policy_loss", logp, old_logp, *seq_log_ratio, nullptr);
   const at::Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(),
-                   m = mask.contiguous();
+                   m = mask.contiguous(), sq = has_seq ? seq_log_ratio->contiguous() : lp;
   at::Tensor g_lp = at::empty_like(lp), g_adv = at::empty_like(lp), loss, stats;
   const PolicyConfig cfg{1.0 - clip_low, 1.0 + clip_high, dual_clip.has_value(), dual_clip.value_or(0.0)};
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ppo_policy_loss_fwd_cpu", [&] {
     using T = scalar_t;
-    const T *plp = lp.data_ptr<T>(), *pold = old.data_ptr<T>(), *padv = adv.data_ptr<T>();
+    const T *plp = lp.data_ptr<T>(), *pold = old.data_ptr<T>(), *padv = adv.data_ptr<T>(), *psq = sq.data_ptr<T>();
     const bool is_bool = m.scalar_type() == at::kBool;  // (data_ptr is null for empty tensors)
     const bool* mb = is_bool ? m.data_ptr<bool>() : nullptr;
     const T* mw = is_bool ? nullptr : m.data_ptr<T>();
@@ -98,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
         agg, lp.numel(), seg_len, nseg, pg, pga, lp.options(), 3, [&](int64_t i, double* acc) {
           const double w = is_bool ? double(mb[i]) : double(mw[i]);
           const PolicyToken<double> t = policy_token<double>(plp[i], pold[i], padv[i], cfg.lo, cfg.hi, cfg.has_dual,
-                                                             cfg.dual);
+                                                             cfg.dual, ltype, psq[i]);
           pg[i] = static_cast<T>(w * t.d_logp);
           pga[i] = static_cast<T>(w * t.d_adv);
           acc[0] += t.pg * w;

@@ -36,14 +36,16 @@ __global__ void kl_kernel(const T* __restrict__ a, const T* __restrict__ b, T* _
 
 template <typename T, typename M>
 struct PolicyFn {
-  const T *logp, *old_logp, *adv;
+  const T *logp, *old_logp, *adv, *seq_lr;
   const M* mask;
   T *g_logp, *g_adv;
   double lo, hi, dual;
   bool has_dual;
+  int loss;
   __device__ __forceinline__ void operator()(int64_t i, double* acc) const {
     const double w = static_cast<double>(mask[i]);
-    const PolicyToken<double> t = policy_token<double>(logp[i], old_logp[i], adv[i], lo, hi, has_dual, dual);
+    const PolicyToken<double> t = policy_token<double>(logp[i], old_logp[i], adv[i], lo, hi, has_dual, dual, loss,
+                                                       seq_lr[i]);
     g_logp[i] = static_cast<T>(w * t.d_logp);
     g_adv[i] = static_cast<T>(w * t.d_adv);
     acc[0] += t.pg * w;
@@ -168,22 +170,26 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cuda(const at::Tensor& logp, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_cuda(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
-    double clip_low, double clip_high, std::optional<double> dual_clip, c10::string_view agg_name) {
+    double clip_low, double clip_high, std::optional<double> dual_clip, c10::string_view agg_name, int64_t loss_type,
+    const std::optional<at::Tensor>& seq_log_ratio) {
   check_loss_inputs("ppo_policy_loss", logp, old_logp, advantages, &mask);
   TORCH_CHECK(logp.is_cuda(), "ppo_policy_loss: expected CUDA tensors");
-  const int agg = parse_agg(agg_name);
+  const int agg = parse_agg(agg_name), ltype = parse_loss_type(loss_type);
   const auto [seg_len, nseg] = loss_segments("ppo_policy_loss", agg, logp);
+  const bool has_seq = seq_log_ratio.has_value() && seq_log_ratio->defined();
+  TORCH_CHECK(ltype != kGspo || has_seq, "ppo_policy_loss: loss_type gspo needs seq_log_ratio");
+  if (has_seq) check_loss_inputs("ppo_policy_loss", logp, old_logp, *seq_log_ratio, nullptr);
   const c10::cuda::CUDAGuard guard(logp.device());
   const at::Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(),
-                   m = mask.contiguous();
+                   m = mask.contiguous(), sq = has_seq ? seq_log_ratio->contiguous() : lp;
   at::Tensor g_lp = at::empty_like(lp), g_adv = at::empty_like(lp), loss, stats;
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ppo_policy_loss_fwd_cuda", [&] {
     using T = scalar_t;
     auto launch = [&](auto* mask_ptr) {
       using M = std::remove_const_t<std::remove_pointer_t<decltype(mask_ptr)>>;
-      const PolicyFn<T, M> fn{lp.data_ptr<T>(), old.data_ptr<T>(), adv.data_ptr<T>(), mask_ptr,
+      const PolicyFn<T, M> fn{lp.data_ptr<T>(), old.data_ptr<T>(), adv.data_ptr<T>(), sq.data_ptr<T>(), mask_ptr,
                               g_lp.data_ptr<T>(), g_adv.data_ptr<T>(), 1.0 - clip_low, 1.0 + clip_high,
-                              dual_clip.value_or(0.0), dual_clip.has_value()};
+                              dual_clip.value_or(0.0), dual_clip.has_value(), ltype};
       std::tie(loss, stats) = run_segmented<T>(fn, agg, lp.numel(), seg_len, nseg, fn.g_logp, fn.g_adv,
                                                lp.options(), 3);
     };

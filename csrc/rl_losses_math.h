@@ -175,12 +175,32 @@ struct PolicyToken {
   T pg, d_logp, d_adv, clipped, neg_log_ratio, dual;
 };
 
+// Loss types of reference.policy_token_loss: ppo, gspo (sequence ratio, GSPO-token), cispo.
+enum LossType : int { kPpo = 0, kGspo = 1, kCispo = 2 };
+
+inline int parse_loss_type(int64_t code) {
+  TORCH_CHECK(code >= kPpo && code <= kCispo, "unknown loss_type code ", code, " (0 ppo, 1 gspo, 2 cispo)");
+  return static_cast<int>(code);
+}
+
+// d loss / d old_logp is -d_logp for ppo and 0 for gspo and cispo (their ratio is detached).
+// seq_lr: gspo's sequence log-ratio of the token (unused by the others).
 template <typename T>
-RLHF_HD PolicyToken<T> policy_token(T logp, T old_logp, T adv, T lo, T hi, bool has_dual, T dual_c) {
-  const T x = logp - old_logp;
-  const T lr = m_clamp(x, T(-20), T(20)), d_lr = m_in(x, T(-20), T(20));
-  const T r = m_exp(lr);
+RLHF_HD PolicyToken<T> policy_token(T logp, T old_logp, T adv, T lo, T hi, bool has_dual, T dual_c, int loss = kPpo,
+                                    T seq_lr = T(0)) {
   const T na = -adv;
+  if (loss == kCispo) {  // -sg(clip(r))·A·logp, r as ppo
+    const T x = logp - old_logp;
+    const T lr = m_clamp(x, T(-20), T(20));
+    const T r = m_exp(lr);
+    const T rc = m_clamp(r, lo, hi);
+    return {na * rc * logp, na * rc, -rc * logp, (r < lo || r > hi) ? T(1) : T(0), -lr, T(0)};
+  }
+  // ppo: log r = clip(logp - old, ±20); gspo: log r = min(seq_lr, 10) (value), d log r / d logp = 1 inside
+  const T x = loss == kGspo ? seq_lr : logp - old_logp;
+  const T lr_lo = loss == kGspo ? T(-INFINITY) : T(-20), lr_hi = loss == kGspo ? T(10) : T(20);
+  const T lr = m_clamp(x, lr_lo, lr_hi), d_lr = m_in(x, lr_lo, lr_hi);
+  const T r = m_exp(lr);
   const T rc = m_clamp(r, lo, hi), d_rc = m_in(r, lo, hi);
   const T pg1 = na * r, pg2 = na * rc;
   // reference._max(pg1, pg2): the clipped branch only where strictly larger (or NaN); a tie keeps pg1.
@@ -195,7 +215,7 @@ RLHF_HD PolicyToken<T> policy_token(T logp, T old_logp, T adv, T lo, T hi, bool 
       pg = cap, g = T(0), ga = -dual_c;
     }
   }
-  return {pg, g * r * d_lr, ga, pg2 > pg1 ? T(1) : T(0), -lr, dual};
+  return {pg, g * r * d_lr, ga, pg2 > pg1 ? T(1) : T(0), loss == kGspo ? old_logp - logp : -lr, dual};
 }
 
 // ------------------------------------------------------------------------------------------ PPO value

@@ -145,7 +145,7 @@ if LOADED:
         return x.new_empty(()), x.new_empty(n_stats), torch.empty_like(x), torch.empty_like(x)
 
     @torch.library.register_fake("rlhf_fast::ppo_policy_loss_fwd")
-    def _(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg):
+    def _(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, loss_type=0, seq_log_ratio=None):
         return _loss_fake(logp, mask, 3)
 
     @torch.library.register_fake("rlhf_fast::ppo_value_loss_fwd")
@@ -156,11 +156,15 @@ if LOADED:
         _, stats, g1, g2 = output
         ctx.mark_non_differentiable(stats, g1, g2)
         ctx.save_for_backward(g1, g2)
+        ctx.n_inputs = len(inputs)
+        # ppo_policy_loss_fwd: gspo and cispo (loss_type 1, 2) detach the ratio, no gradient to old_logp
+        ctx.old_grad = len(inputs) < 9 or inputs[8] == 0
 
     def _policy_backward(ctx, g_loss, *_):
         d_logp, d_adv = ctx.saved_tensors
         g_logp = g_loss * d_logp
-        return g_logp, -g_logp, g_loss * d_adv, None, None, None, None, None
+        g_old = -g_logp if ctx.old_grad else torch.zeros_like(g_logp)
+        return g_logp, g_old, g_loss * d_adv, *([None] * (ctx.n_inputs - 3))
 
     def _value_backward(ctx, g_loss, *_):
         d_v, d_old = ctx.saved_tensors
@@ -170,13 +174,16 @@ if LOADED:
     torch.library.register_autograd("rlhf_fast::ppo_policy_loss_fwd", _policy_backward, setup_context=_loss_setup)
     torch.library.register_autograd("rlhf_fast::ppo_value_loss_fwd", _value_backward, setup_context=_loss_setup)
 
+    _LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2}
+
     def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                        agg="token-mean"):
+                        agg="token-mean", loss_type="ppo", seq_log_ratio=None):
         clip_high = clip_low if clip_high is None else clip_high
         dt = _math_dtype(logp, old_logp, advantages)
         loss, stats, _, _ = ops.ppo_policy_loss_fwd(
             logp.to(dt), old_logp.to(dt), advantages.to(dt), _weights(mask, dt), float(clip_low), float(clip_high),
-            None if dual_clip is None else float(dual_clip), agg)
+            None if dual_clip is None else float(dual_clip), agg, _LOSS_CODES[loss_type],
+            None if seq_log_ratio is None else seq_log_ratio.to(dt).detach())
         return loss, {"clipfrac": stats[0], "approx_kl": stats[1], "dual_clipfrac": stats[2]}
 
     def ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean"):

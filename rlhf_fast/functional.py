@@ -17,6 +17,15 @@ Aggregations (``agg=``) of the loss ops, with m the mask and w the optional per-
 Under data parallelism pass the global counts as ``num_tokens`` / ``num_seqs`` (divided by the number
 of ranks if the gradients are averaged over ranks). The statistics (clip fractions, approx_kl) stay
 local token means over the mask, unweighted.
+
+Policy losses (``loss_type=`` of the three policy-loss ops; formulas in reference.policy_token_loss and
+docs/losses.md): "ppo" the clipped surrogate, "gspo" the same on the sequence ratio (GSPO-token, verl's
+compute_policy_loss_gspo; sequences are the rows of [B, T] or the packed sequences of cu_seqlens),
+"cispo" -sg(clip(r))·A·logp (verl's compute_policy_loss_cispo). Their statistics keep one set of names:
+  clipfrac       ppo, gspo: tokens whose clipped branch is strictly larger; cispo: tokens whose r is
+                 strictly outside [1 - clip_low, 1 + clip_high]
+  approx_kl      mean of old_logp - logp (ppo, cispo: the log-ratio clamped at ±20; gspo: unclamped)
+  dual_clipfrac  ppo with dual_clip: tokens capped at -A·c; 0 for gspo and cispo (no dual clip)
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from ._backend import current_override, register, select
 from ._layout import logits_rows
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+LOSS_TYPES = ref.LOSS_TYPES  # ppo_policy_loss, ppo_loss_from_logits, linear_ppo_loss (docs/losses.md)
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 # the backends reduce with these three modes and the local counts; the others are a scalar factor away
 _TOKEN_AGG = ("token-mean", "token-sum")  # the modes that do not see sequences (packed input needs no padding)
@@ -271,13 +281,21 @@ def _check_agg(agg, t, num_tokens=None, num_seqs=None):
             raise ValueError(f"{name} must be a number or a 0-d tensor, got {type(v).__name__}")
 
 
-def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, weights=None):
+def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, weights=None, cu_seqlens=None,
+              max_seqlen=None):
     """Reduce a per-token value x [B, T] (any shape for the token modes) to a scalar, as the loss ops do.
 
     mask of x's shape (nonzero = valid; a float mask is a weight), weights of x's shape or None;
     ``agg`` and the global normalisers ``num_tokens`` / ``num_seqs`` as in the module docstring.
-    Returns a 0-d tensor in the math dtype.
+    Packed: x, mask, weights [N] with cu_seqlens [S + 1], as the padded [S, T] call (T = max_seqlen or
+    the longest sequence: the horizon of seq-mean-token-sum-norm). Returns a 0-d tensor in the math dtype.
     """
+    if cu_seqlens is not None and agg not in _TOKEN_AGG:
+        p = Packing(cu_seqlens, x, max_seqlen)
+        return aggregate(p.pad(x), p.pad(mask), agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                         weights=p.pad(weights))
+    if cu_seqlens is not None:
+        Packing(cu_seqlens, x, max_seqlen)  # checks cu_seqlens against x
     check.floating("x", x)
     check.mask("mask", mask)
     check.same_shape("x", x, mask=mask, weights=weights)
@@ -313,17 +331,7 @@ def _agg_factor(mask, agg, num_tokens, num_seqs, dtype):
 def _token_coefficients(mask, agg, num_tokens, num_seqs, weights, dtype):
     """c with agg(ℓ; weights) = Σ c·ℓ: the weighted loss as Σ c·ℓ / Σ c (a token-mean with mask c) · Σ c."""
     m = mask.to(dtype)
-    c = m * weights.to(dtype)
-    if agg == "token-mean":
-        return c / _count(m.sum() if num_tokens is None else num_tokens, m)
-    if agg == "token-sum":
-        return c
-    n_tok = m.sum(-1, keepdim=True)
-    rows = (n_tok != 0).to(dtype)
-    c = c * rows / _count(rows.sum() if num_seqs is None else num_seqs, m)
-    if agg == "seq-mean-token-mean":
-        c = c / torch.where(n_tok != 0, n_tok, torch.ones_like(n_tok))
-    return c / mask.shape[-1] if agg == "seq-mean-token-sum-norm" else c
+    return m * weights.to(dtype) * ref.agg_scale(mask, agg, num_tokens, num_seqs).to(dtype)
 
 
 def _check_weights(weights, like):
@@ -346,7 +354,7 @@ def _check_clip(name, v, allow_none=False):
         raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
-def _weighted_loss(impl, first, args, mask, agg, num_tokens, num_seqs, weights):
+def _weighted_loss(impl, first, args, mask, agg, num_tokens, num_seqs, weights, **kw):
     """Run a loss backend under ``agg`` with normalisers and weights, through the backends' three modes.
 
     Without weights: the backend's loss times a no-grad scalar. With weights: the loss from a token-mean
@@ -354,19 +362,19 @@ def _weighted_loss(impl, first, args, mask, agg, num_tokens, num_seqs, weights):
     run with the real mask (two passes of an elementwise kernel)."""
     dt = torch.float64 if any(t.dtype == torch.float64 for t in (first, *args[:2]) if t is not None) else torch.float32
     if weights is None:
-        loss, stats = impl(first, *args[:2], mask, *args[2:], _BACKEND_AGG[agg])
+        loss, stats = impl(first, *args[:2], mask, *args[2:], _BACKEND_AGG[agg], **kw)
         f = _agg_factor(mask, agg, num_tokens, num_seqs, loss.dtype)
         return (loss if f is None else loss * f), stats
     c = _token_coefficients(mask, agg, num_tokens, num_seqs, weights, dt)
-    loss, _ = impl(first, *args[:2], c, *args[2:], "token-mean")
+    loss, _ = impl(first, *args[:2], c, *args[2:], "token-mean", **kw)
     with torch.no_grad():
-        _, stats = impl(first.detach(), *(a.detach() for a in args[:2]), mask, *args[2:], "token-mean")
+        _, stats = impl(first.detach(), *(a.detach() for a in args[:2]), mask, *args[2:], "token-mean", **kw)
     return loss * c.sum(), stats
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
                     agg="token-mean", weights=None, num_tokens=None, num_seqs=None, cu_seqlens=None,
-                    max_seqlen=None, backend=None):
+                    max_seqlen=None, loss_type="ppo", backend=None):
     """PPO clipped policy loss. logp, old_logp, mask [B, T] (or any one shape for the token modes);
     advantages [B, T] or [B, 1] (one per sequence, broadcast over T); weights [B, T] >= 0 or None.
 
@@ -376,19 +384,22 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
     of the max / min keeps the unclipped branch; NaN in any input gives a NaN loss. ``weights``
     multiply ℓ (importance-sampling corrections, e.g. verl's rollout_is_weights). ``agg``,
     ``num_tokens``, ``num_seqs``: see the module docstring. Packed: [N] inputs with cu_seqlens [S + 1];
-    agg per sequence, as the padded [S, T] call.
-    Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac).
+    agg per sequence, as the padded [S, T] call. ``loss_type`` "ppo" (above), "gspo" or "cispo": see the
+    module docstring (gspo needs sequences: [B, T] inputs or cu_seqlens; dual_clip is ppo's only).
+    Returns (loss scalar, stats: clipfrac, approx_kl, dual_clipfrac; their meaning per loss_type in the
+    module docstring).
     """
     if cu_seqlens is not None:
         p = Packing(cu_seqlens, logp, max_seqlen)
         if agg not in _TOKEN_AGG:  # the token modes do not see the sequences
             return ppo_policy_loss(p.pad(logp), p.pad(old_logp), p.pad(advantages), p.pad(mask), clip_low=clip_low,
                                    clip_high=clip_high, dual_clip=dual_clip, agg=agg, weights=p.pad(weights),
-                                   num_tokens=num_tokens, num_seqs=num_seqs, backend=backend)
+                                   num_tokens=num_tokens, num_seqs=num_seqs, loss_type=loss_type, backend=backend)
     check.floating("logp", logp)
     advantages = _row_advantages(advantages, logp)
     _check_bt("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
     _check_agg(agg, logp, num_tokens, num_seqs)
+    _check_loss_type(loss_type, dual_clip, logp, cu_seqlens)
     _check_clip("clip_low", clip_low)
     _check_clip("clip_high", clip_high, allow_none=True)
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
@@ -396,8 +407,25 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
     if weights is not None:
         _check_weights(weights, logp)
     impl = select("ppo_policy_loss", logp.device, backend)
+    seq = _seq_log_ratio(logp, old_logp, mask, cu_seqlens) if loss_type == "gspo" else None
     return _weighted_loss(impl, logp, (old_logp, advantages, clip_low, clip_high, dual_clip), mask, agg,
-                          num_tokens, num_seqs, weights)
+                          num_tokens, num_seqs, weights, loss_type=loss_type, seq_log_ratio=seq)
+
+
+def _check_loss_type(loss_type, dual_clip, like, cu_seqlens):
+    check.choice("loss_type", loss_type, LOSS_TYPES)
+    if loss_type != "ppo" and dual_clip is not None:
+        raise ValueError(f"dual_clip applies to loss_type='ppo' only, got loss_type={loss_type!r} with "
+                         f"dual_clip={dual_clip!r}")
+    if loss_type == "gspo" and cu_seqlens is None and like.dim() != 2:
+        raise ValueError(f"loss_type='gspo' needs sequences: [B, T] inputs or packed [N] with cu_seqlens, got "
+                         f"shape {tuple(like.shape)}")
+
+
+def _seq_log_ratio(logp, old_logp, mask, cu_seqlens=None):
+    """gspo's log s_i per token: the mean of logp - old_logp over the sequence's valid tokens (detached)."""
+    with torch.no_grad():
+        return ref.seq_mean(ref._acc(logp) - ref._acc(old_logp), mask, cu_seqlens)
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", weights=None, num_tokens=None,
@@ -438,14 +466,17 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                          kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                          dual_clip=None, agg="token-mean", weights=None, num_tokens=None, num_seqs=None,
-                         cu_seqlens=None, max_seqlen=None, backend=None):
+                         cu_seqlens=None, max_seqlen=None, loss_type="ppo", backend=None):
     """The PPO policy loss straight from the logits, with KL and entropy terms.
 
     logits [B, T, V], labels [B, T] (masked positions may hold anything in [0, V) or -100),
     old_logp, mask, ref_logp [B, T], advantages [B, T] or [B, 1].
     loss = pg_loss + kl_coef·agg(kl) - entropy_coef·agg(H); ``num_tokens`` / ``num_seqs`` normalise all
-    three terms, ``weights`` multiply the policy term only (reference backend only for now: the fused
-    kernels raise NotImplementedError).
+    three terms, ``weights`` multiply the policy term only. ``loss_type``: "ppo", "gspo", "cispo" as in
+    ppo_policy_loss. loss_type="ppo" without weights runs the fused kernel (one pass computes the terms);
+    gspo, cispo or weights run the backend's row pass (rf.logprobs), the per-token [N] math of
+    ppo_policy_loss / kl / aggregate, and the row pass's backward with the per-row coefficients that
+    autograd hands it: the same reads and writes of the logits.
     Returns (loss, stats: pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl if ref_logp given).
     Packed: logits [N, V] and [N] per-token inputs with cu_seqlens [S + 1]; a seq-mean agg scatters
     the logits to [S, T_max, V] (a copy: rf.linear_ppo_loss packs without one).
@@ -457,7 +488,8 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
                 p.pad(logits), p.pad(labels, -100), p.pad(old_logp), p.pad(advantages), p.pad(mask),
                 ref_logp=p.pad(ref_logp), kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                weights=p.pad(weights), num_tokens=num_tokens, num_seqs=num_seqs, backend=backend)
+                weights=p.pad(weights), num_tokens=num_tokens, num_seqs=num_seqs, loss_type=loss_type,
+                backend=backend)
     _check_logits_labels(logits, labels, temperature)
     check.floating("old_logp", old_logp)
     advantages = _row_advantages(advantages, old_logp)
@@ -465,18 +497,29 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
     if old_logp.shape != labels.shape:
         raise ValueError(f"old_logp must have the shape of labels {tuple(labels.shape)}, got {tuple(old_logp.shape)}")
     _check_agg(agg, old_logp, num_tokens, num_seqs)
+    _check_loss_type(loss_type, dual_clip, old_logp, cu_seqlens)
     check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     check.labels_in_range(labels, logits.shape[-1], -100)
     impl = select("ppo_loss_from_logits", logits.device, backend)
+    if weights is not None or loss_type != "ppo":
+        logp, entropy = logprobs(logits, labels, temperature=temperature, return_entropy=True, backend=backend)
+        loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                      dual_clip=dual_clip, agg=agg, weights=weights, num_tokens=num_tokens,
+                                      num_seqs=num_seqs, cu_seqlens=cu_seqlens, loss_type=loss_type, backend=backend)
+        norm = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        stats["pg_loss"] = loss.detach()
+        ent = aggregate(entropy, mask, **norm)
+        stats["entropy"] = ent.detach()
+        if entropy_coef:
+            loss = loss - entropy_coef * ent
+        if ref_logp is not None:
+            k = aggregate(kl(logp, ref_logp, estimator=kl_estimator, backend=backend), mask, **norm)
+            stats["kl"] = k.detach()
+            if kl_coef:
+                loss = loss + kl_coef * k
+        return loss, stats
     args = (logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
             temperature, clip_low, clip_high, dual_clip)
-    if weights is not None:
-        _check_weights(weights, old_logp)
-        if impl is not ref.ppo_loss_from_logits:
-            raise NotImplementedError("ppo_loss_from_logits(weights=...) runs on the 'reference' backend only; the "
-                                      "fused kernels weight all three terms alike. Use rf.logprobs + "
-                                      "rf.ppo_policy_loss(weights=...) or backend='reference'")
-        return impl(*args, agg, weights, num_tokens, num_seqs)
     loss, stats = impl(*args, _BACKEND_AGG[agg])
     f = _agg_factor(mask, agg, num_tokens, num_seqs, loss.dtype)
     if f is None:
@@ -537,14 +580,15 @@ def _check_cu_seqlens(cu_seqlens, n, device):
 
 
 def _linear_ppo_loss_reference(hidden, weight, labels, old_logp, advantages, mask, *args, cu_seqlens=None,
-                               chunk_size=None):
+                               chunk_size=None, weights=None, num_tokens=None, num_seqs=None, loss_type="ppo"):
     """The reference materialises the logits (no chunks); packed input is its padded call."""
     if cu_seqlens is not None:
         p = Packing(cu_seqlens, labels)
-        hidden, labels, old_logp, advantages, mask = (p.pad(hidden), p.pad(labels, -100), p.pad(old_logp),
-                                                      p.pad(advantages), p.pad(mask))
+        hidden, labels, old_logp, advantages, mask, weights = (p.pad(hidden), p.pad(labels, -100), p.pad(old_logp),
+                                                               p.pad(advantages), p.pad(mask), p.pad(weights))
         args = (*args[:1], p.pad(args[1]), *args[2:])  # ref_logp
-    return ref.linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *args)
+    return ref.linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *args, weights, num_tokens, num_seqs,
+                               loss_type)
 
 
 register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)
@@ -552,17 +596,19 @@ register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)
 
 def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_logp=None, kl_coef=0.0,
                     kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                    dual_clip=None, agg="token-mean", cu_seqlens=None, head_dtype=None, chunk_size=None,
-                    backend=None):
+                    dual_clip=None, agg="token-mean", weights=None, num_tokens=None, num_seqs=None, cu_seqlens=None,
+                    head_dtype=None, chunk_size=None, loss_type="ppo", backend=None):
     """ppo_loss_from_logits(hidden @ weight.T + bias, ...) without the [N, V] logits.
 
     hidden [B, T, H] (or [N, H] packed: sequences at rows cu_seqlens[i]:cu_seqlens[i+1]), weight [V, H],
     bias [V] or None; labels, old_logp, advantages, mask, ref_logp [B, T] (or [N]); cu_seqlens [S + 1]
     int (agg per sequence, as the padded [S, T] call). head_dtype: the dtype the head's GEMMs run in
     (e.g. torch.float32 for bf16 models); chunk_size: rows of logits per chunk (default adapts to N
-    and V, at most N/8 rows). Same value, gradients (hidden, weight, bias) and stats as
-    ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so the loss can
-    be backpropagated once.
+    and V, at most N/8 rows). ``agg`` (every mode), ``num_tokens``, ``num_seqs``, ``weights`` [B, T]
+    (or [N]) and ``loss_type`` as in ppo_loss_from_logits. Same value, gradients (hidden, weight, bias)
+    and stats as ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so
+    the loss can be backpropagated once. loss_type="gspo" costs one more GEMM and row pass per chunk
+    (each sequence's logp is needed before its gradients; docs/losses.md gives the measured cost).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         check.floating(name, t)
@@ -586,10 +632,12 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
         if hidden.dim() != 2:
             raise ValueError(f"with cu_seqlens, hidden must be packed [N, H], got {tuple(hidden.shape)}")
         _check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-    else:
-        _check_agg(agg, old_logp)
-    # the chunked backends weight tokens by the three backend modes (no normalisers / weights yet)
-    check.choice("agg", agg, tuple(dict.fromkeys(_BACKEND_AGG.values())))
+    # packed: the seq-mean modes see the sequences of cu_seqlens over the flat [N] tokens
+    _check_agg(agg, old_logp if cu_seqlens is None else old_logp.unsqueeze(0), num_tokens, num_seqs)
+    _check_loss_type(loss_type, dual_clip, old_logp, cu_seqlens)
+    if weights is not None:
+        _check_weights(weights, old_logp)
+        check.same_device("old_logp", old_logp, weights=weights)
     check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _check_clip("clip_low", clip_low)
     _check_clip("clip_high", clip_high, allow_none=True)
@@ -599,7 +647,8 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
     impl = select("linear_ppo_loss", hidden.device, backend)
     return impl(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, kl_coef, kl_estimator,
                 entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, head_dtype,
-                cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size, weights=weights, num_tokens=num_tokens,
+                num_seqs=num_seqs, loss_type=loss_type)
 
 
 ROLLOUT_LEVELS = ("token", "sequence", "geometric")

@@ -158,6 +158,34 @@ def aggregate(loss, mask, agg="token-mean", num_tokens=None, num_seqs=None, weig
     return out / loss.shape[-1] if agg == "seq-mean-token-sum-norm" else out
 
 
+def agg_scale(mask, agg="token-mean", num_tokens=None, num_seqs=None, cu_seqlens=None, horizon=None):
+    """Per-token s with aggregate(loss, mask, agg, num_tokens, num_seqs, weights) = Σ loss·weights·mask·s, s
+    from the mask's counts only (so a chunked loss knows each token's weight before any loss exists).
+    Sequences: the rows of a [B, T] mask, or the packed sequences of cu_seqlens over an [N] mask (the
+    padded [S, T] call's; ``horizon``: its T for seq-mean-token-sum-norm, default the longest sequence)."""
+    m = _acc(mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32))
+    one = lambda d: torch.where(d != 0, d, torch.ones_like(d))  # noqa: E731  (a zero count gives 0, not NaN)
+    count = lambda v, default: one(default if v is None else torch.as_tensor(v, dtype=m.dtype, device=m.device))  # noqa: E731
+    if agg == "token-sum":
+        return torch.ones_like(m)
+    if agg == "token-mean":
+        return (1.0 / count(num_tokens, m.sum())).expand_as(m)
+    if cu_seqlens is None:
+        n_tok, T = m.sum(-1, keepdim=True).expand_as(m), m.shape[-1]
+    else:
+        seq, lens = seq_ids(cu_seqlens, m.shape[0])
+        n_seq = torch.zeros(lens.shape[0], dtype=m.dtype, device=m.device).index_add(0, seq, m)
+        n_tok, T = n_seq[seq], horizon if horizon is not None else int(lens.max()) if lens.numel() else 1
+        n_rows = (n_seq > 0).to(m.dtype).sum()
+    rows = (m.sum(-1) > 0).to(m.dtype).sum() if cu_seqlens is None else n_rows
+    s = (n_tok > 0).to(m.dtype) / count(num_seqs, rows)
+    if agg == "seq-mean-token-mean":
+        s = s / one(n_tok)
+    elif agg == "seq-mean-token-sum-norm":
+        s = s / T
+    return s
+
+
 # ----------------------------------------------------------------------------- advantages
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalised advantage estimation [B, T] -> (advantages, returns), masked positions skipped.
@@ -271,32 +299,77 @@ def kl_penalized_rewards(score, logp, ref_logp, mask, beta, estimator="k1"):
 
 
 # ----------------------------------------------------------------------------- losses
-def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", weights=None, num_tokens=None, num_seqs=None):
-    """PPO clipped surrogate: per token max(-A·r, -A·clip(r, 1-clip_low, 1+clip_high)), aggregated.
+LOSS_TYPES = ("ppo", "gspo", "cispo")
 
-    r = exp(clip(logp - old_logp, ±20)); dual_clip=c caps tokens with A < 0 at -A·c (min(pg, -A·c)).
-    Ties of the max and the min go to the unclipped branch, and the clips pass their exact ends (see
-    the module docstring). Returns (loss, stats) with stats clipfrac (tokens where the clipped branch
-    is strictly larger), approx_kl (k1 of old to new), dual_clipfrac (tokens strictly capped).
+
+def seq_mean(x, mask, cu_seqlens=None):
+    """Per-token mean of x over its sequence's valid tokens (Σ x·m / Σ m, 0 for an empty sequence),
+    broadcast back to x's shape: the rows of [B, T], or the packed sequences of cu_seqlens over [N]."""
+    m = mask.to(x.dtype)
+    if cu_seqlens is None:
+        return masked_mean(x, m, -1).unsqueeze(-1).expand_as(x)
+    seq, lens = seq_ids(cu_seqlens, x.shape[0])
+    num = torch.zeros(lens.shape[0], dtype=x.dtype, device=x.device).index_add(0, seq, x * m)
+    den = torch.zeros_like(num).index_add(0, seq, m)
+    return (num / torch.where(den > 0, den, torch.ones_like(den)))[seq]
+
+
+def policy_token_loss(logp, old_logp, advantages, mask, loss_type="ppo", clip_low=0.2, clip_high=None, dual_clip=None,
+                      seq_log_ratio=None):
+    """The per-token policy loss ℓ of each loss_type (before aggregation) and its statistics per token.
+
+    ppo    ℓ = max(-A·r, -A·clip(r, 1-clip_low, 1+clip_high)), r = exp(clip(logp - old_logp, ±20));
+           dual_clip=c caps tokens with A < 0 at -A·c.
+    gspo   the same max with r = s_i,t = sg[s_i]·π/sg[π] (GSPO-token): log s_i,t = logp - sg[logp] + sg[log s_i],
+           log s_i = the mean of logp - old_logp over the valid tokens of the token's sequence (the rows of
+           [B, T], or ``seq_log_ratio`` given per token), clamped at 10 from above (verl's compute_policy_loss_gspo).
+    cispo  ℓ = -sg[clip(r, 1-clip_low, 1+clip_high)]·A·logp, r as ppo (verl's compute_policy_loss_cispo).
+    Returns (ℓ, clipped, neg_log_ratio, dual) with clipped: ppo/gspo the clipped branch strictly larger,
+    cispo r strictly outside the clip range; neg_log_ratio: -clip(logp - old_logp, ±20) (gspo: unclamped);
+    dual: tokens strictly capped by dual_clip (ppo only, else False).
     """
     clip_high = clip_low if clip_high is None else clip_high
     logp, old_logp, advantages = _acc(logp), _acc(old_logp), _acc(advantages)
-    log_ratio = _clip(logp - old_logp, -20.0, 20.0)
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    if loss_type == "gspo":
+        if seq_log_ratio is None:
+            seq_log_ratio = seq_mean(logp - old_logp, mask)
+        log_ratio = _clip(logp - logp.detach() + _acc(seq_log_ratio).detach(), float("-inf"), 10.0)
+        neg_log_ratio = old_logp - logp
+    else:
+        log_ratio = _clip(logp - old_logp, -20.0, 20.0)
+        neg_log_ratio = -log_ratio
     ratio = torch.exp(log_ratio)
+    dual = torch.zeros_like(ratio, dtype=torch.bool)
+    if loss_type == "cispo":
+        clipped = (ratio < lo) | (ratio > hi)
+        return -_clip(ratio, lo, hi).detach() * advantages * logp, clipped, neg_log_ratio, dual
     pg1 = -advantages * ratio
-    pg2 = -advantages * _clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg2 = -advantages * _clip(ratio, lo, hi)
     pg = _max(pg1, pg2)
-    dual = torch.zeros_like(pg, dtype=torch.bool)
     if dual_clip is not None:
         cap = -advantages * dual_clip
         dual = (advantages < 0) & (pg > cap)
         pg = torch.where(advantages < 0, _min(pg, cap), pg)
+    return pg, pg2 > pg1, neg_log_ratio, dual
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", weights=None, num_tokens=None, num_seqs=None, loss_type="ppo",
+                    seq_log_ratio=None):
+    """The policy loss of ``loss_type`` (policy_token_loss), aggregated.
+
+    Ties of the max and the min go to the unclipped branch, and the clips pass their exact ends (see
+    the module docstring). Returns (loss, stats) with the masked token means of policy_token_loss's
+    statistics: clipfrac, approx_kl (k1 of old to new), dual_clipfrac.
+    """
+    pg, clipped, neg_log_ratio, dual = policy_token_loss(logp, old_logp, advantages, mask, loss_type, clip_low,
+                                                         clip_high, dual_clip, seq_log_ratio)
     loss = aggregate(pg, mask, agg, num_tokens, num_seqs, weights)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((pg2 > pg1).to(pg.dtype), mask),
-            "approx_kl": masked_mean(-log_ratio, mask),
+            "clipfrac": masked_mean(clipped.to(pg.dtype), mask),
+            "approx_kl": masked_mean(neg_log_ratio, mask),
             "dual_clipfrac": masked_mean(dual.to(pg.dtype), mask),
         }
     return loss, stats
@@ -336,13 +409,13 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=None, kl_coef=0.0,
                          kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2,
                          clip_high=None, dual_clip=None, agg="token-mean", weights=None, num_tokens=None,
-                         num_seqs=None):
+                         num_seqs=None, loss_type="ppo", seq_log_ratio=None):
     """pg_loss + kl_coef·agg(kl(logp, ref)) - entropy_coef·agg(entropy), from logits [B, T, V].
 
     ``weights`` multiply the policy term only; num_tokens / num_seqs normalise all three terms."""
     logp, entropy = logprobs(logits, labels, temperature, ignore_index=-100, return_entropy=True)
     loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights,
-                                  num_tokens, num_seqs)
+                                  num_tokens, num_seqs, loss_type, seq_log_ratio)
     stats["pg_loss"] = loss.detach()
     ent = aggregate(entropy, mask, agg, num_tokens, num_seqs)
     stats["entropy"] = ent.detach()
@@ -363,7 +436,8 @@ def importance_ratio(logp, old_logp):
 
 def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, kl_coef=0.0,
                     kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                    dual_clip=None, agg="token-mean", head_dtype=None):
+                    dual_clip=None, agg="token-mean", head_dtype=None, weights=None, num_tokens=None, num_seqs=None,
+                    loss_type="ppo"):
     """ppo_loss_from_logits(hidden @ weight.T + bias, ...), materialising the logits [..., V].
 
     The head runs in ``head_dtype`` if given (else in the math dtype of hidden and weight)."""
@@ -372,7 +446,8 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=Non
     if bias is not None:
         logits = logits + _acc(bias)
     return ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
-                                entropy_coef, temperature, clip_low, clip_high, dual_clip, agg)
+                                entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, weights, num_tokens,
+                                num_seqs, loss_type)
 
 
 # ----------------------------------------------------------------------------- rollout correction

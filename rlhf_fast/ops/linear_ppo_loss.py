@@ -2,7 +2,7 @@
 [N, V] logits, in row chunks, with 3 GEMMs per chunk and no recompute.
 
 The loss is Σ_t w_t·(pg_t - entropy_coef·H_t + kl_coef·kl_t) with per-token aggregation weights
-w_t = mask_t·scale_t known from the mask before any logit exists (``token_scale``), so each chunk's
+w_t = mask_t·scale_t known from the mask before any logit exists (``reference.agg_scale``), so each chunk's
 contribution and its gradient are final when the chunk is done. Per chunk of rows:
   1. logits_c = hidden_c @ weight.T (+ bias)                    GEMM, [rows, V] in fp32 (fp64)
   2. the fused ppo_loss_from_logits pass on logits_c with the weights of the whole batch: one read
@@ -21,6 +21,17 @@ in-place torch.ops.rlhf_fast.logprobs_bwd_.
 
 GEMM dtypes as ops/linear_logprobs.py; ``head_dtype`` (e.g. torch.float32) overrides the dtype the
 head runs in.
+
+Aggregations: every agg mode with ``num_tokens`` / ``num_seqs`` is a per-token scale s (reference.agg_scale,
+known from the mask), so the fused passes above run them all. ``weights`` (which scale the policy term
+only) and loss_type "gspo" / "cispo" run the general pass instead: per chunk, the row pass of
+ops/linear_logprobs.py (logp, entropy, lse), the per-token math of reference.policy_token_loss and
+reference.kl on the chunk's [rows] under autograd (which gives the per-row coefficients g_lp, g_ent and
+the per-token gradients of old_logp, advantages, ref_logp), then the row backward in place. gspo's
+sequence ratio needs each sequence's logp before any of its gradients, so it first runs a logp-only pass
+over all chunks (one more forward GEMM and row pass per chunk; benchmarks/bench_linear_ppo_loss.py
+measures the cost) and then the general pass with the sequences' log-ratios known. Sequence-aligned
+chunks would avoid the extra GEMM, but bound the chunk below by the longest sequence (rows x V logits).
 """
 from __future__ import annotations
 
@@ -31,10 +42,11 @@ import triton.language as tl
 
 from .. import _backend, _compiled
 from .. import reference
+from . import logprobs as _tlp
 from . import ppo_loss_from_logits as _fl
 from .kl import acc_dtypes, estimator_code
 from .linear_logprobs import _chunk_logits, _gemm_dtype, _mm
-from .ppo_loss import _mask_arg, agg_row_scale
+from .ppo_loss import _mask_arg
 
 CHUNK_BYTES = 256 << 20  # bound on one chunk's fp32 logits
 ROW_MULTIPLE = 128       # chunk rows are a multiple of this where N allows (GEMM tiles)
@@ -51,21 +63,6 @@ def default_chunk_rows(n_rows: int, vocab: int, acc: torch.dtype = torch.float32
     return max(1, rows)
 
 
-def token_scale(mask: torch.Tensor, agg: str, dtype: torch.dtype, cu_seqlens: torch.Tensor | None = None):
-    """Per-token aggregation scale s [N] (w = mask·s reproduces reference.aggregate per sequence:
-    rows of a [B, T] mask, or the sequences of cu_seqlens over a flat [N] mask) and Σ mask (0 -> 1)."""
-    if cu_seqlens is not None:
-        m = mask.reshape(-1)
-        seq, lens = reference.seq_ids(cu_seqlens, m.shape[0])
-        # a [S, 1] "mask" of each sequence's token count has the row sums of the padded [S, T] mask
-        n_tok = torch.zeros(lens.shape[0], dtype=dtype, device=m.device).index_add_(0, seq, m.to(dtype))
-        scale, tot = agg_row_scale(n_tok.unsqueeze(-1), agg, dtype)
-        return scale[seq].contiguous(), tot
-    m2d = mask.reshape(1, -1) if agg == "token-mean" or mask.dim() != 2 else mask
-    scale, tot = agg_row_scale(m2d, agg, dtype)
-    return scale.repeat_interleave(m2d.shape[1]), tot
-
-
 class _Config(NamedTuple):
     inv_t: float
     clip_low: float
@@ -75,6 +72,7 @@ class _Config(NamedTuple):
     kl_estimator: str
     entropy_coef: float
     has_ref: bool
+    loss_type: str = "ppo"
 
 
 # A fused pass: (logits [rows, V] acc, labels, old, adv, mask, scale, ref [rows], cfg)
@@ -136,10 +134,63 @@ def _cpu_pass(x, lab, old, adv, m, scale, ref, c: _Config):
     return sums, d_tok
 
 
+# The row pass of the general path: fwd (logits, labels, inv_t, ignore_index) -> logp, entropy, lse;
+# bwd_ (logits, g_logp, g_entropy, labels, lse, entropy, inv_t, ignore_index) writes d loss / d logits into logits.
+class _Rows(NamedTuple):
+    fwd: object
+    bwd_: object
+
+
+_TRITON_ROWS = _Rows(_tlp.logprobs_fwd, lambda x, g, e, lab, lse, ent, inv_t, ii: _tlp.logprobs_bwd(
+    g, e, x, lab, lse, ent, inv_t, ii, out=x))
+_CPU_ROWS = _Rows(lambda *a: torch.ops.rlhf_fast.logprobs_fwd(*a), lambda *a: torch.ops.rlhf_fast.logprobs_bwd_(*a))
+
+
+def _general_pass(rows, x, lab, old, adv, m, scale, pol_scale, ref, seq_lr, c: _Config):
+    """A chunk of the general path (weights, gspo, cispo): the fused pass's outputs from the row pass, the
+    per-token math of the reference under autograd (the chunk's [rows] only), and the row backward."""
+    logp, ent, lse = rows.fwd(x, lab, c.inv_t, -100)
+    dt = old.dtype
+    w = m.to(dt) * scale
+    with torch.enable_grad():
+        lp, h, o, a, r = (t.detach().to(dt).requires_grad_() for t in (logp, ent, old, adv, ref))
+        pg, clipped, neg_lr, dual = reference.policy_token_loss(lp, o, a, m, c.loss_type, c.clip_low, c.clip_high,
+                                                                c.dual_clip, seq_lr)
+        pol = (pg * (w if pol_scale is None else m.to(dt) * pol_scale)).sum()
+        ent_sum = (h * w).sum()
+        kl_sum = (reference.kl(lp, r, c.kl_estimator) * w).sum() if c.has_ref else torch.zeros((), dtype=dt)
+        total = pol
+        if c.entropy_coef:
+            total = total - c.entropy_coef * ent_sum
+        if c.kl_coef:
+            total = total + c.kl_coef * kl_sum
+        grads = torch.autograd.grad(total, (lp, h, o, a, r), allow_unused=True)
+    g_lp, g_h, g_o, g_a, g_r = (torch.zeros_like(lp) if g is None else g for g in grads)
+    if x.shape[0]:
+        rows.bwd_(x, g_lp.to(lse.dtype), g_h.to(lse.dtype), lab, lse, ent, c.inv_t, -100)
+    sums = torch.stack([pol, ent_sum, kl_sum.to(dt), (m.to(dt) * clipped).sum(), (m.to(dt) * neg_lr).sum(),
+                        (m.to(dt) * dual).sum()]).detach()
+    return sums, torch.stack([g_o, g_a, g_r], 1)
+
+
+def _seq_log_ratio(rows, hidden, w, b, acc, gd, lab, old, mask, cu_seqlens, C, inv_t):
+    """gspo's per-token sequence log-ratio: a logp-only pass over every chunk (GEMM + row pass), then the
+    mean of logp - old_logp over each sequence's valid tokens."""
+    N = hidden.shape[0]
+    logp = torch.empty(N, dtype=old.dtype, device=hidden.device)
+    for i in range(0, N, C):
+        j = min(N, i + C)
+        logits = _chunk_logits(hidden[i:j].to(gd), w, b, acc)
+        logp[i:j] = rows.fwd(logits, lab[i:j], inv_t, -100)[0]
+        del logits
+    d = (logp - old).view(mask.shape)
+    return reference.seq_mean(d, mask, cu_seqlens).reshape(-1)
+
+
 class LinearPPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, agg, cu_seqlens,
-                head_dtype, fused, chunk_rows, grad_enabled):
+    def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, scale, cu_seqlens,
+                head_dtype, passes, chunk_rows, grad_enabled, weights):
         fp64 = torch.float64 in (hidden.dtype, weight.dtype, head_dtype)
         acc = torch.float64 if fp64 else torch.float32  # of the logits
         dt = torch.float64 if fp64 else acc_dtypes(old_logp, advantages, ref_logp)[0]  # of the per-token math
@@ -148,7 +199,11 @@ class LinearPPOLossFunction(torch.autograd.Function):
         # the gradients cost two of the three GEMMs: none under no_grad
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         need_tok = [grad_enabled and ctx.needs_input_grad[i] for i in (4, 5, 7)]
-        scale, tot = token_scale(mask, agg, dt, cu_seqlens)
+        # the per-token aggregation scale (reference.agg_scale), Σ mask for the token-mean statistics
+        scale = scale.reshape(-1).to(dt).contiguous()
+        pol_scale = None if weights is None else scale * weights.reshape(-1).to(dt)
+        tot = mask.sum(dtype=dt)
+        tot = torch.where(tot > 0, tot, torch.ones_like(tot))
         old, adv = old_logp.reshape(-1).to(dt), advantages.reshape(-1).to(dt)
         ref = ref_logp.reshape(-1).to(dt) if ref_logp is not None else old
         m = mask.reshape(-1)
@@ -161,12 +216,22 @@ class LinearPPOLossFunction(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         d_tok = torch.empty(N, 3, dtype=dt, device=hidden.device) if any(need_tok) else None
+        fused, rows = passes
+        general = weights is not None or cfg.loss_type != "ppo"
+        seq_lr = None
+        if cfg.loss_type == "gspo":
+            seq_lr = _seq_log_ratio(rows, hidden, w, b, acc, gd, lab, old, mask, cu_seqlens, C, cfg.inv_t)
         parts = []
         for i in range(0, N, C):
             j = min(N, i + C)
             h = hidden[i:j].to(gd)
             logits = _chunk_logits(h, w, b, acc)
-            sums, dt_c = fused(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j], cfg)
+            if general:
+                sums, dt_c = _general_pass(rows, logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j],
+                                           None if pol_scale is None else pol_scale[i:j], ref[i:j],
+                                           None if seq_lr is None else seq_lr[i:j], cfg)
+            else:
+                sums, dt_c = fused(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j], cfg)
             parts.append(sums)
             if d_tok is not None:
                 d_tok[i:j] = dt_c
@@ -212,22 +277,24 @@ class LinearPPOLossFunction(torch.autograd.Function):
         for c, (i, meta) in enumerate(zip((4, 5, 7), ctx.tok_meta)):
             if ctx.needs_input_grad[i] and meta is not None and d_tok is not None:
                 tok[c] = (G * d_tok[:, c]).view(meta[0]).to(meta[1])
-        return (*grads, None, tok[0], tok[1], None, tok[2], *([None] * 7))
+        return (*grads, None, tok[0], tok[1], None, tok[2], *([None] * 8))
 
 
-def _implementation(fused, backend: str):
+def _implementation(fused, rows: _Rows, backend: str):
     def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, kl_coef=0.0,
                         kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
-                        dual_clip=None, agg="token-mean", head_dtype=None, *, cu_seqlens=None, chunk_size=None):
+                        dual_clip=None, agg="token-mean", head_dtype=None, *, cu_seqlens=None, chunk_size=None,
+                        weights=None, num_tokens=None, num_seqs=None, loss_type="ppo"):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
         has_ref = ref_logp is not None
         cfg = _Config(1.0 / temperature, float(clip_low), float(clip_low if clip_high is None else clip_high),
                       None if dual_clip is None else float(dual_clip), float(kl_coef) if has_ref else 0.0,
-                      kl_estimator, float(entropy_coef), has_ref)
+                      kl_estimator, float(entropy_coef), has_ref, loss_type)
+        scale = reference.agg_scale(mask, agg, num_tokens, num_seqs, cu_seqlens)
         loss, pg_loss, clipfrac, approx_kl, dual_frac, ent, k = LinearPPOLossFunction.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg,
-            agg, cu_seqlens, head_dtype, fused, chunk_size, torch.is_grad_enabled())
+            scale, cu_seqlens, head_dtype, (fused, rows), chunk_size, torch.is_grad_enabled(), weights)
         stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "dual_clipfrac": dual_frac, "pg_loss": pg_loss,
                  "entropy": ent}
         if has_ref:
@@ -240,8 +307,8 @@ def _implementation(fused, backend: str):
     return linear_ppo_loss
 
 
-linear_ppo_loss_triton = _implementation(_triton_pass, "triton")
+linear_ppo_loss_triton = _implementation(_triton_pass, _TRITON_ROWS, "triton")
 _backend.register("linear_ppo_loss", "triton")(linear_ppo_loss_triton)
 if _compiled.LOADED:
-    linear_ppo_loss_cpu = _implementation(_cpu_pass, "cpu")
+    linear_ppo_loss_cpu = _implementation(_cpu_pass, _CPU_ROWS, "cpu")
     _backend.register("linear_ppo_loss", "cpu")(linear_ppo_loss_cpu)

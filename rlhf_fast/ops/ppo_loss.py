@@ -57,11 +57,40 @@ def ppo_token(lp, old, adv, lo, hi, dual_c, HAS_DUAL: tl.constexpr):
     return pg, d_lp, d_adv, pg2 > pg1, dual, -lr
 
 
+LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2}
+
+
 @triton.jit
-def _policy_fwd_kernel(lp_ptr, old_ptr, adv_ptr, m_ptr, scale_ptr, dlp_ptr, dadv_ptr, part_ptr, N, T,
+def policy_token(lp, old, adv, seq_lr, lo, hi, dual_c, HAS_DUAL: tl.constexpr, LOSS: tl.constexpr):
+    """ppo_token for each loss type of reference.policy_token_loss (LOSS: LOSS_CODES). Returns (loss,
+    d loss/d logp, d loss/d adv, clipped, dual-clipped, neg_log_ratio); d loss / d old_logp is
+    -(d loss / d logp) for ppo and 0 for gspo and cispo (their ratio is detached). seq_lr: gspo's
+    sequence log-ratio of the token (unused otherwise)."""
+    if LOSS == 0:
+        return ppo_token(lp, old, adv, lo, hi, dual_c, HAS_DUAL)
+    elif LOSS == 1:  # gspo: the clipped surrogate of r = exp(min(seq_lr, 10)), d log r / d logp = 1 inside
+        lr, d_lr = clip_elem(seq_lr, tl.full([], float("-inf"), lp.dtype), tl.full([], 10.0, lp.dtype))
+        ratio = tl.exp(lr)
+        rc, d_rc = clip_elem(ratio, lo, hi)
+        pg1 = -adv * ratio
+        pg2 = -adv * rc
+        take2 = second_wins(pg1, pg2)
+        pg = tl.where(take2, pg2, pg1)
+        d_lp = tl.where(take2, -adv * d_rc, -adv) * ratio * d_lr
+        d_adv = tl.where(take2, -rc, -ratio)
+        return pg, d_lp, d_adv, pg2 > pg1, pg < pg, old - lp
+    else:  # cispo: -sg(clip(r))·A·logp
+        lr, d_lr = clip_elem(lp - old, tl.full([], -20.0, lp.dtype), tl.full([], 20.0, lp.dtype))
+        ratio = tl.exp(lr)
+        rc, d_rc = clip_elem(ratio, lo, hi)
+        return -rc * adv * lp, -rc * adv, -rc * lp, (ratio < lo) | (ratio > hi), lp < lp, -lr
+
+
+@triton.jit
+def _policy_fwd_kernel(lp_ptr, old_ptr, adv_ptr, m_ptr, scale_ptr, dlp_ptr, dadv_ptr, part_ptr, seq_ptr, N, T,
                        lo: "fp64", hi: "fp64", dual_c: "fp64", HAS_DUAL: tl.constexpr,
                        WRITE_DLP: tl.constexpr, WRITE_DADV: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, LOSS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
@@ -70,8 +99,11 @@ def _policy_fwd_kernel(lp_ptr, old_ptr, adv_ptr, m_ptr, scale_ptr, dlp_ptr, dadv
     adv = tl.load(adv_ptr + offs, mask=inb, other=0).to(ACC)
     m = tl.load(m_ptr + offs, mask=inb, other=0).to(ACC)
     w = m * tl.load(scale_ptr + offs // T, mask=inb, other=0)
-    pg, d_lp, d_adv, clipped, dual, neg_lr = ppo_token(
-        lp, old, adv, tl.full([], lo, ACC), tl.full([], hi, ACC), tl.full([], dual_c, ACC), HAS_DUAL)
+    seq_lr = lp
+    if LOSS == 1:
+        seq_lr = tl.load(seq_ptr + offs, mask=inb, other=0).to(ACC)
+    pg, d_lp, d_adv, clipped, dual, neg_lr = policy_token(
+        lp, old, adv, seq_lr, tl.full([], lo, ACC), tl.full([], hi, ACC), tl.full([], dual_c, ACC), HAS_DUAL, LOSS)
     if WRITE_DLP:
         tl.store(dlp_ptr + offs, w * d_lp, mask=inb)
     if WRITE_DADV:
@@ -149,7 +181,7 @@ def _mask_arg(mask2d):
 
 class PPOPolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg):
+    def forward(ctx, logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, loss_type, seq_log_ratio):
         dt, acc, _ = acc_dtypes(logp, old_logp, advantages)
         lp, B, T = flat_bt(logp, agg)
         old, adv, m = (flat_bt(x, agg)[0] for x in (old_logp, advantages, mask))
@@ -162,14 +194,17 @@ class PPOPolicyLossFunction(torch.autograd.Function):
         part = torch.zeros(n_prog, 4, dtype=dt, device=lp.device)
         if N:
             with _backend.device_guard(lp.device):
+                seq = flat_bt(seq_log_ratio, agg)[0] if seq_log_ratio is not None else lp
                 _policy_fwd_kernel[(n_prog,)](
-                    lp, old, adv, _mask_arg(m), scale, d_lp, d_adv, part, N, T,
+                    lp, old, adv, _mask_arg(m), scale, d_lp, d_adv, part, seq, N, T,
                     1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high),
                     float(dual_clip) if dual_clip is not None else 0.0, HAS_DUAL=dual_clip is not None,
-                    WRITE_DLP=write_dlp, WRITE_DADV=ctx.needs_input_grad[2], ACC=acc, BLOCK=BLOCK)
+                    WRITE_DLP=write_dlp, WRITE_DADV=ctx.needs_input_grad[2], ACC=acc, BLOCK=BLOCK,
+                    LOSS=LOSS_CODES[loss_type])
         sums = part.sum(0)
         ctx.save_for_backward(d_lp if write_dlp else None, d_adv if ctx.needs_input_grad[2] else None)
         ctx.shapes_dtypes = [(x.shape, x.dtype) for x in (logp, old_logp, advantages)]
+        ctx.old_grad = loss_type == "ppo"  # gspo and cispo detach the ratio: no gradient to old_logp
         clipfrac, approx_kl, dual_frac = sums[1] / tot, sums[2] / tot, sums[3] / tot
         ctx.mark_non_differentiable(clipfrac, approx_kl, dual_frac)
         return sums[0], clipfrac, approx_kl, dual_frac
@@ -180,9 +215,9 @@ class PPOPolicyLossFunction(torch.autograd.Function):
         (s0, t0), (s1, t1), (s2, t2) = ctx.shapes_dtypes
         gl = g * d_lp if d_lp is not None else None
         return (gl.view(s0).to(t0) if ctx.needs_input_grad[0] else None,
-                (-gl).view(s1).to(t1) if ctx.needs_input_grad[1] else None,
+                ((-gl) if ctx.old_grad else torch.zeros_like(gl)).view(s1).to(t1) if ctx.needs_input_grad[1] else None,
                 (g * d_adv).view(s2).to(t2) if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class PPOValueLossFunction(torch.autograd.Function):
@@ -226,9 +261,9 @@ class PPOValueLossFunction(torch.autograd.Function):
 
 @_backend.register("ppo_policy_loss", "triton")
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean"):
+                    agg="token-mean", loss_type="ppo", seq_log_ratio=None):
     loss, clipfrac, approx_kl, dual_frac = PPOPolicyLossFunction.apply(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, loss_type, seq_log_ratio)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "dual_clipfrac": dual_frac}
 
 
