@@ -145,13 +145,67 @@ def test_policy_and_value_loss(patched, token_level, dual_clip, global_counts):
     assert rf_orl.calls["PolicyLoss"] > 0 and rf_orl.calls["ValueLoss"] > 0
 
 
-def test_gspo_goes_to_openrlhf(patched):
-    x = torch.randn(2, 4, dtype=torch.float64)
-    m = torch.ones(2, 4, dtype=torch.float64)
+def _gspo_run(cls, lp, old, adv, mask, roll, dual_clip=None, is_level="off", **kw):
+    leaves = [t.clone().requires_grad_() for t in (lp, old, adv)]
+    out = cls(0.2, 0.28, dual_clip=dual_clip, policy_loss_type="gspo", is_correction_level=is_level)(
+        *leaves, mask, rollout_log_probs=roll, **kw)
+    out[0].backward()
+    return out, [t.grad for t in leaves]
+
+
+def _gspo_batch(per_sequence_advantages):
+    g = torch.Generator().manual_seed(8)
+    B, T = 6, 10
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    shift = torch.tensor([0.3, -0.3, 0.0, 0.1, -0.35, 0.05], dtype=torch.float64)[:, None]  # some sequences clip
+    lp = old + shift + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    roll = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = (torch.arange(T)[None] < torch.tensor([10, 7, 1, 9, 4, 10])[:, None]).double()
+    mask[0, 3:5] = 0
+    adv = torch.randn(B, 1 if per_sequence_advantages else T, generator=g, dtype=torch.float64).expand(B, T)
+    return lp, old, adv.contiguous(), mask, roll
+
+
+@pytest.mark.parametrize("is_level", ["off", "token"])
+@pytest.mark.parametrize("global_counts", [False, True])
+def test_gspo_runs_on_rf(patched, is_level, global_counts):
+    """GRPO-style advantages (one per sequence): OpenRLHF's GSPO loss, stats and gradients; with IS correction on,
+    the ratio is taken against the rollout log-probs, as OpenRLHF does."""
+    lp, old, adv, mask, roll = _gspo_batch(per_sequence_advantages=True)
+    kw = dict(dp_size=2, global_batch_size=11.0) if global_counts else {}
+    before = dict(rf_orl.calls)
+    (o1, g1), (o2, g2) = (_gspo_run(cls, lp, old, adv, mask, roll, is_level=is_level, **kw)
+                          for cls in (L.PolicyLoss, ORIG_POLICY))
+    assert rf_orl.calls["PolicyLoss"] == before.get("PolicyLoss", 0) + 1
+    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before.get("PolicyLoss_to_openrlhf", 0)
+    assert 0 < float(o2[1]) < 1  # the clip bites
+    for i, what in enumerate(("loss", "clip_ratio", "ppo_kl")):
+        assert_rel(o1[i], o2[i], 1e-7, what)  # OpenRLHF adds 1e-8 to the per-row token count
+    assert o1[3] is None and o1[4] is None
+    assert_rel(g1[0], g2[0], 1e-7, "d log_probs")
+    assert_rel(g1[2], g2[2], 1e-7, "d advantages")
+    # rf's sequence ratio is a stop-gradient (GSPO-token, as verl): old_log_probs, data in training, get none
+    assert g1[1] is None or not g1[1].any()
+
+
+def test_gspo_per_token_advantages_same_loss_same_sequence_gradient(patched):
+    """Per-token advantages: rf's GSPO-token gradient (verl's form) redistributes each sequence's gradient over its
+    tokens where OpenRLHF differentiates the sequence ratio; the loss and each sequence's summed gradient agree."""
+    lp, old, adv, mask, roll = _gspo_batch(per_sequence_advantages=False)
+    (o1, g1), (o2, g2) = (_gspo_run(cls, lp, old, adv, mask, roll) for cls in (L.PolicyLoss, ORIG_POLICY))
+    assert_rel(o1[0], o2[0], 1e-7, "loss")
+    assert_rel(g1[0].sum(-1), g2[0].sum(-1), 1e-7, "per-sequence sum of d log_probs")
+    assert (g1[0] - g2[0]).abs().max() > 1e-3  # the documented difference is real
+    assert_rel(g1[2], g2[2], 1e-7, "d advantages")
+
+
+def test_gspo_with_dual_clip_goes_to_openrlhf(patched):
+    lp, old, adv, mask, roll = _gspo_batch(per_sequence_advantages=True)
     before = rf_orl.calls["PolicyLoss_to_openrlhf"]
-    a = L.PolicyLoss(policy_loss_type="gspo")(x, x * 0.9, x, m)
-    b = ORIG_POLICY(policy_loss_type="gspo")(x, x * 0.9, x, m)
-    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before + 1 and torch.equal(a[0], b[0])
+    (o1, _), (o2, _) = (_gspo_run(cls, lp, old, adv, mask, roll, dual_clip=3.0) for cls in (L.PolicyLoss, ORIG_POLICY))
+    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before + 1 and torch.equal(o1[0], o2[0])
+    with pytest.raises(ValueError, match="needs rollout_log_probs"):
+        _gspo_run(L.PolicyLoss, lp, old, adv, mask, None, is_level="token")
 
 
 # OpenRLHF's IS-correction settings (level, mode, gating, threshold) with bands that bite on _is_batch's data
