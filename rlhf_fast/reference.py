@@ -479,10 +479,11 @@ def rollout_correction(old_logp, rollout_logp, mask, level="token", mode="trunca
       token      r_t = exp(l_t)
       sequence   R_i = exp(Σ_t l_t)             (the product of the token ratios, summed in log space)
       geometric  G_i = exp(Σ_t l_t / n_i)       (their geometric mean)
-    with the exponent of the weight clipped to ±20 (the gate compares the exact ratio). The gate statistic of a unit is its ratio (gate "ratio"), or a
-    divergence between the rollout and trainer probabilities p = exp(rollout_logp), q = exp(old_logp) of the
-    sampled token, both clamped to [1e-6, 1 - 1e-6]: "binary_kl" p·log(p/q) + (1-p)·log((1-p)/(1-q)), "tv" |p - q|,
-    summed over the sequence (sequence) or averaged (geometric). Bounds lo = low or -inf, hi = high or +inf:
+    with the weight's exponent clipped to ±20 (the gate compares the exact ratio). The gate statistic of a
+    unit is its ratio (gate "ratio"), or a divergence between the rollout and trainer probabilities
+    p = exp(rollout_logp), q = exp(old_logp) of the sampled token, both clamped to [1e-6, 1 - 1e-6]:
+    "binary_kl" p·log(p/q) + (1-p)·log((1-p)/(1-q)), "tv" |p - q|, summed over the sequence (sequence) or
+    averaged (geometric). Bounds lo = low or -inf, hi = high or +inf:
       truncate  w = clip(unit ratio, lo, hi)                          (gate must be "ratio")
       mask      w = 0 where the statistic is outside [lo, hi], else the unit's ratio (keep "unit")
                 or the token's own ratio r_t (keep "token")
