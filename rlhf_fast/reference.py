@@ -162,8 +162,9 @@ def agg_scale(mask, agg="token-mean", num_tokens=None, num_seqs=None, cu_seqlens
     """Per-token s with aggregate(loss, mask, agg, num_tokens, num_seqs, weights) = Σ loss·weights·mask·s, s
     from the mask's counts only (so a chunked loss knows each token's weight before any loss exists).
     Sequences: the rows of a [B, T] mask, or the packed sequences of cu_seqlens over an [N] mask (the
-    padded [S, T] call's; ``horizon``: its T for seq-mean-token-sum-norm, default the longest sequence)."""
-    m = _acc(mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32))
+    padded [S, T] call's; ``horizon``: its T for seq-mean-token-sum-norm, default the longest sequence).
+    In float64 (counts and their reciprocals; callers cast to their math dtype)."""
+    m = mask.to(torch.float64)
     one = lambda d: torch.where(d != 0, d, torch.ones_like(d))  # noqa: E731  (a zero count gives 0, not NaN)
     count = lambda v, default: one(default if v is None else torch.as_tensor(v, dtype=m.dtype, device=m.device))  # noqa: E731
     if agg == "token-sum":

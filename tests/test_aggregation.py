@@ -161,20 +161,18 @@ def test_loss_from_logits_normalisers(backend, agg, row_adv):
     assert_rel(adv.grad, ax.grad, 1e-10, "d advantages")
 
 
-def test_loss_from_logits_weights_reference_only():
+def test_loss_from_logits_weights_every_backend():
     B, T, V = 2, 3, 5
     logits = torch.randn(B, T, V, dtype=torch.float64)
     labels = torch.randint(0, V, (B, T))
     x = torch.randn(B, T, dtype=torch.float64)
     m = torch.ones(B, T)
     w = torch.rand(B, T, dtype=torch.float64)
-    loss, _ = rf.ppo_loss_from_logits(logits, labels, x, x, m, weights=w, backend="reference")
     logp = ref.logprobs(logits, labels)
     expect, _ = ref.ppo_policy_loss(logp, x, x, m, weights=w)
-    assert_rel(loss, expect, 1e-12, "weighted policy term")
-    for b in [b for b in backends("ppo_loss_from_logits") if b != "reference"]:
-        with pytest.raises(NotImplementedError, match="reference"):
-            rf.ppo_loss_from_logits(logits, labels, x, x, m, weights=w, backend=b)
+    for b in backends("ppo_loss_from_logits"):  # (tests/test_loss_types.py: every agg, dtype, loss_type)
+        loss, _ = rf.ppo_loss_from_logits(logits, labels, x, x, m, weights=w, backend=b)
+        assert_rel(loss, expect, 1e-12, f"{b} weighted policy term")
 
 
 # ----------------------------------------------------------------------------- group advantages
