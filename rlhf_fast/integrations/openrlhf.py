@@ -22,9 +22,9 @@ token gives 0 where OpenRLHF's masked_mean gives NaN. GSPO: rf takes verl's GSPO
 gradient through its own log-prob, scaled by the sequence ratio; log-ratio clamped at 10) where OpenRLHF
 differentiates the sequence ratio through all of the sequence's tokens: the same loss, and the same gradients
 when the advantages are constant over each sequence (GRPO-style); with per-token advantages the gradient of
-each sequence is redistributed over its tokens (same sum); old_log_probs get no gradient (OpenRLHF's
-do; they are data in training). IS correction: a surviving token's ratio is
-exp(clip(l, ±20)) (OpenRLHF: unbounded).
+each sequence is redistributed over its tokens (same sum); old_log_probs get no gradient (OpenRLHF's do;
+they are data in training). IS correction: a surviving token's ratio is exp(clip(l, ±20)) (OpenRLHF: unbounded).
+See docs/rollout_correction.md.
 """
 from __future__ import annotations
 
