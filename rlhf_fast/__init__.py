@@ -28,6 +28,7 @@ from .functional import (
     ppo_value_loss,
     reinforce_pp_returns,
     rloo_advantages,
+    rollout_correction,
 )
 
 __version__ = "0.1.0"
@@ -45,5 +46,5 @@ __all__ = [
     "grpo_advantages", "kl", "kl_penalized_rewards", "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_mean",
     "masked_whiten",
     "pairwise_reward_loss", "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
-    "reinforce_pp_returns", "rloo_advantages",
+    "reinforce_pp_returns", "rloo_advantages", "rollout_correction",
 ]

@@ -729,3 +729,78 @@ def _linear_ppo_loss_tp(hidden, weight, labels, old_logp, advantages, mask, bias
     return ref.ppo_loss_from_logprobs(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
                                       entropy_coef, clip_low, clip_high, dual_clip, agg, weights, num_tokens,
                                       num_seqs, loss_type)
+
+
+ROLLOUT_LEVELS = ("token", "sequence", "geometric")
+ROLLOUT_MODES = ("truncate", "mask")
+ROLLOUT_GATES = ("ratio", "binary_kl", "tv")
+
+
+def _check_bound(name, v):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"{name} must be a number >= 0 or None, got {v!r}")
+
+
+def rollout_correction(old_logp, rollout_logp, mask, *, level="token", mode="truncate", low=None, high=2.0,
+                       gate="ratio", keep="unit", batch_normalize=False, cu_seqlens=None):
+    """Importance weights for the mismatch between the trainer's and the rollout engine's log-probs.
+
+    old_logp (the trainer's, e.g. FSDP fp32), rollout_logp (the engine's, e.g. vLLM), mask [B, T], or [N]
+    packed with cu_seqlens [S + 1] (the sequences are the packed ones). Returns (weights, stats): weights of
+    old_logp's shape, detached, 0 where mask is 0, in the math dtype (fp32, fp64 for an fp64 input); pass
+    them as ``weights=`` of the loss ops. Token ratio r_t = exp(old_logp - rollout_logp); the unit is
+      level="token"      each token: r_t
+      level="sequence"   each sequence: Π_t r_t (verl rollout_is="sequence", TRL sequence_*), summed in log space
+      level="geometric"  each sequence: (Π_t r_t)^(1/n) (OpenRLHF is_correction_level="seq")
+    (a weight's exponent is clipped to ±20, as verl does, so weights are finite; the gates and the
+    truncation counts read the exact ratio).
+      mode="truncate"  weight = the unit's ratio clamped to [low, high] (TIS); gate must be "ratio".
+      mode="mask"      weight = 0 for units whose gate statistic is outside [low, high]; the others keep the
+                       unit's ratio (keep="unit": verl IcePop, TRL *_mask) or the token's own r_t
+                       (keep="token": OpenRLHF).
+    gate: the statistic masked on: "ratio" (the unit's ratio), or OpenRLHF's divergences of the sampled
+    token's probabilities p (rollout) and q (trainer), each clamped to [1e-6, 1 - 1e-6]: "binary_kl"
+    p·log(p/q) + (1-p)·log((1-p)/(1-q)), "tv" |p - q|; per sequence their sum (level "sequence") or mean
+    (level "geometric").
+    low=None: no lower bound, in both modes (TRL's clip_min=None; verl's single-number threshold);
+    high=None: no upper bound (TRL's clip_max=None); one of them must be given. Bounds are inclusive.
+    batch_normalize (verl): divide the weights by their mean over the units of this batch (tokens; or
+    sequences, each by its mean weight) when that mean is > 1e-8 (verl averages over its DP group instead
+    when torch.distributed is initialised).
+    stats (0-d tensors, no host sync): ``truncated_frac`` | ``masked_frac`` (valid tokens whose unit is
+    outside [low, high]), ``truncated_seq_frac`` | ``masked_seq_frac`` (sequences with a token having one),
+    ``ess`` (effective sample size over valid tokens, (Σw)² / (n·Σw²), 1 = uniform weights), ``mean``,
+    ``max``, ``min`` (of the returned weights over valid tokens; 0 if none), ``batch_norm_factor``.
+    A NaN log-ratio at a valid token makes its unit's weight NaN. Torch ops on [B, T]-sized tensors (no
+    kernel: the reference runs on every device).
+    """
+    check.floating("old_logp", old_logp)
+    check.floating("rollout_logp", rollout_logp)
+    check.mask("mask", mask)
+    check.same_shape("old_logp", old_logp, rollout_logp=rollout_logp, mask=mask)
+    check.same_device("old_logp", old_logp, rollout_logp=rollout_logp, mask=mask, cu_seqlens=cu_seqlens)
+    check.choice("level", level, ROLLOUT_LEVELS)
+    check.choice("mode", mode, ROLLOUT_MODES)
+    check.choice("gate", gate, ROLLOUT_GATES)
+    check.choice("keep", keep, ("unit", "token"))
+    if not isinstance(batch_normalize, bool):
+        raise ValueError(f"batch_normalize must be a bool, got {batch_normalize!r}")
+    _check_bound("low", low)
+    _check_bound("high", high)
+    if low is None and high is None:
+        raise ValueError("rollout_correction needs a bound: low and high are both None")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"low must be <= high, got low={low}, high={high}")
+    if mode == "truncate" and gate != "ratio":
+        raise ValueError(f"mode='truncate' clamps the ratio: gate must be 'ratio', got {gate!r} (use mode='mask')")
+    if mode == "truncate" and keep != "unit":
+        raise ValueError(f"keep chooses what survives a mask; mode='truncate' takes keep='unit', got {keep!r}")
+    if cu_seqlens is None:
+        check.ndim("old_logp", old_logp, 2)
+    else:
+        check.ndim("old_logp", old_logp, 1)
+        _check_cu_seqlens(cu_seqlens, old_logp.shape[0], old_logp.device)
+    return ref.rollout_correction(old_logp, rollout_logp, mask, level, mode, low, high, gate, keep, batch_normalize,
+                                  cu_seqlens)

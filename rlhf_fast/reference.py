@@ -462,3 +462,107 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=Non
     return ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
                                 entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, weights, num_tokens,
                                 num_seqs, loss_type)
+
+
+# ----------------------------------------------------------------------------- rollout correction
+SAFE_LOG_RATIO = 20.0  # |log ratio| bound before exp (verl's SAFETY_BOUND): every weight is finite
+
+
+def _seg_sum(x, seq, S):
+    """Per-sequence sums [S] of per-token values x [N] (seq [N]: each token's sequence)."""
+    return torch.zeros(S, dtype=x.dtype, device=x.device).index_add(0, seq, x)
+
+
+def _per_unit(x, level, seq, S, n_tok):
+    """A per-token value [N] -> its unit's value [N]: itself (token), the sequence's sum (sequence) or
+    mean over valid tokens (geometric; x is 0 at masked tokens)."""
+    if level == "token":
+        return x
+    s = _seg_sum(x, seq, S)
+    if level == "geometric":
+        s = s / torch.where(n_tok > 0, n_tok, torch.ones_like(n_tok))
+    return s[seq]
+
+
+def rollout_correction(old_logp, rollout_logp, mask, level="token", mode="truncate", low=None, high=2.0,
+                       gate="ratio", keep="unit", batch_normalize=False, cu_seqlens=None):
+    """Importance weights correcting the trainer / rollout-engine mismatch (detached), and their stats.
+
+    Per valid token (mask != 0) the log-ratio is l_t = old_logp - rollout_logp (0 at masked tokens). A unit is
+    a token (level "token") or a sequence (a row, or a packed sequence of cu_seqlens); its ratio is
+      token      r_t = exp(l_t)
+      sequence   R_i = exp(Σ_t l_t)             (the product of the token ratios, summed in log space)
+      geometric  G_i = exp(Σ_t l_t / n_i)       (their geometric mean)
+    with the weight's exponent clipped to ±20 (the gate compares the exact ratio). The gate statistic of a
+    unit is its ratio (gate "ratio"), or a divergence between the rollout and trainer probabilities
+    p = exp(rollout_logp), q = exp(old_logp) of the sampled token, both clamped to [1e-6, 1 - 1e-6]:
+    "binary_kl" p·log(p/q) + (1-p)·log((1-p)/(1-q)), "tv" |p - q|, summed over the sequence (sequence) or
+    averaged (geometric). Bounds lo = low or -inf, hi = high or +inf:
+      truncate  w = clip(unit ratio, lo, hi)                          (gate must be "ratio")
+      mask      w = 0 where the statistic is outside [lo, hi], else the unit's ratio (keep "unit")
+                or the token's own ratio r_t (keep "token")
+    w = 0 at masked tokens. batch_normalize divides w by its mean over the units (over valid tokens for
+    level token, over sequences with a token of each sequence's mean weight otherwise) when that mean is > 1e-8.
+    NaN: a NaN log-ratio at a valid token gives its unit NaN (not counted as truncated or masked).
+    Returns (w of old_logp's shape, stats): truncated_frac or masked_frac (valid tokens whose unit is outside
+    the bounds), truncated_seq_frac or masked_seq_frac (sequences with a token having one), ess
+    ((Σw)² / (n·Σw²) over the n valid tokens, 1 = uniform), mean / max / min of w over valid tokens (0 if
+    none), batch_norm_factor (what w was divided by, 1 without batch_normalize).
+    """
+    shape = old_logp.shape
+    dt = torch.float64 if torch.float64 in (old_logp.dtype, rollout_logp.dtype) else torch.float32
+    old, roll = old_logp.detach().reshape(-1).to(dt), rollout_logp.detach().reshape(-1).to(dt)
+    v = mask.reshape(-1) != 0
+    if cu_seqlens is None:
+        S = shape[0]
+        seq = torch.arange(S, device=old.device).repeat_interleave(shape[1])
+    else:
+        seq, lens = seq_ids(cu_seqlens, old.shape[0])
+        S = lens.shape[0]
+    vf = v.to(dt)
+    n_tok = _seg_sum(vf, seq, S)
+    has_tok = n_tok > 0
+    lr = torch.where(v, old - roll, 0.0)
+    unit_lr = _per_unit(lr, level, seq, S, n_tok)
+    ratio = torch.exp(_clip(unit_lr, -SAFE_LOG_RATIO, SAFE_LOG_RATIO))
+    if gate == "ratio":
+        stat = torch.exp(unit_lr)  # the gate reads the exact ratio (inf compares fine), the weight the bounded one
+    else:
+        p = torch.exp(roll).clamp(1e-6, 1 - 1e-6)
+        q = torch.exp(old).clamp(1e-6, 1 - 1e-6)
+        d = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log() if gate == "binary_kl" else (p - q).abs()
+        stat = _per_unit(torch.where(v, d, 0.0), level, seq, S, n_tok)
+    lo = -float("inf") if low is None else float(low)
+    hi = float("inf") if high is None else float(high)
+    out = v & ((stat < lo) | (stat > hi))  # NaN compares False: not counted
+    if mode == "truncate":
+        w = _clip(ratio, lo, hi)
+    else:
+        value = ratio if keep == "unit" else torch.exp(_clip(lr, -SAFE_LOG_RATIO, SAFE_LOG_RATIO))
+        w = torch.where(out, 0.0, value)
+    w = torch.where(v, w, 0.0)
+    factor = torch.ones((), dtype=dt, device=w.device)
+    if batch_normalize:
+        if level == "token":
+            mean = w.sum() / vf.sum().clamp(min=1)
+        else:
+            seq_w = _seg_sum(w, seq, S) / torch.where(has_tok, n_tok, torch.ones_like(n_tok))
+            mean = (seq_w * has_tok).sum() / has_tok.sum().clamp(min=1)
+        factor = torch.where(mean > 1e-8, mean, factor)
+        w = w / factor
+    n = vf.sum()
+    s1, s2 = w.sum(), (w * w).sum()
+    seq_out = (_seg_sum(out.to(dt), seq, S) > 0) & has_tok
+    name = "truncated" if mode == "truncate" else "masked"
+    zero = torch.zeros((), dtype=dt, device=w.device)
+    pad = torch.full((1,), float("inf"), dtype=dt, device=w.device)
+    stats = {
+        f"{name}_frac": out.to(dt).sum() / n.clamp(min=1),
+        f"{name}_seq_frac": seq_out.to(dt).sum() / has_tok.sum().clamp(min=1),
+        "ess": torch.where(s2 > 0, s1 * s1 / (n * s2), zero),
+        "mean": s1 / n.clamp(min=1),
+        "max": torch.where(n > 0, torch.cat([torch.where(v, w, -pad), -pad]).max(), zero),
+        "min": torch.where(n > 0, torch.cat([torch.where(v, w, pad), pad]).min(), zero),
+        "batch_norm_factor": factor,
+    }
+    return w.reshape(shape), stats

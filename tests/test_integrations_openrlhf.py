@@ -145,13 +145,143 @@ def test_policy_and_value_loss(patched, token_level, dual_clip, global_counts):
     assert rf_orl.calls["PolicyLoss"] > 0 and rf_orl.calls["ValueLoss"] > 0
 
 
-def test_gspo_goes_to_openrlhf(patched):
-    x = torch.randn(2, 4, dtype=torch.float64)
-    m = torch.ones(2, 4, dtype=torch.float64)
+def _gspo_run(cls, lp, old, adv, mask, roll, dual_clip=None, is_level="off", **kw):
+    leaves = [t.clone().requires_grad_() for t in (lp, old, adv)]
+    out = cls(0.2, 0.28, dual_clip=dual_clip, policy_loss_type="gspo", is_correction_level=is_level)(
+        *leaves, mask, rollout_log_probs=roll, **kw)
+    out[0].backward()
+    return out, [t.grad for t in leaves]
+
+
+def _gspo_batch(per_sequence_advantages):
+    g = torch.Generator().manual_seed(8)
+    B, T = 6, 10
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    shift = torch.tensor([0.3, -0.3, 0.0, 0.1, -0.35, 0.05], dtype=torch.float64)[:, None]  # some sequences clip
+    lp = old + shift + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    roll = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = (torch.arange(T)[None] < torch.tensor([10, 7, 1, 9, 4, 10])[:, None]).double()
+    mask[0, 3:5] = 0
+    adv = torch.randn(B, 1 if per_sequence_advantages else T, generator=g, dtype=torch.float64).expand(B, T)
+    return lp, old, adv.contiguous(), mask, roll
+
+
+@pytest.mark.parametrize("is_level", ["off", "token"])
+@pytest.mark.parametrize("global_counts", [False, True])
+def test_gspo_runs_on_rf(patched, is_level, global_counts):
+    """GRPO-style advantages (one per sequence): OpenRLHF's GSPO loss, stats and gradients; with IS correction on,
+    the ratio is taken against the rollout log-probs, as OpenRLHF does."""
+    lp, old, adv, mask, roll = _gspo_batch(per_sequence_advantages=True)
+    kw = dict(dp_size=2, global_batch_size=11.0) if global_counts else {}
+    before = dict(rf_orl.calls)
+    (o1, g1), (o2, g2) = (_gspo_run(cls, lp, old, adv, mask, roll, is_level=is_level, **kw)
+                          for cls in (L.PolicyLoss, ORIG_POLICY))
+    assert rf_orl.calls["PolicyLoss"] == before.get("PolicyLoss", 0) + 1
+    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before.get("PolicyLoss_to_openrlhf", 0)
+    assert 0 < float(o2[1]) < 1  # the clip bites
+    for i, what in enumerate(("loss", "clip_ratio", "ppo_kl")):
+        assert_rel(o1[i], o2[i], 1e-7, what)  # OpenRLHF adds 1e-8 to the per-row token count
+    assert o1[3] is None and o1[4] is None
+    assert_rel(g1[0], g2[0], 1e-7, "d log_probs")
+    assert_rel(g1[2], g2[2], 1e-7, "d advantages")
+    # rf's sequence ratio is a stop-gradient (GSPO-token, as verl): old_log_probs, data in training, get none
+    assert g1[1] is None or not g1[1].any()
+
+
+def test_gspo_per_token_advantages_same_loss_same_sequence_gradient(patched):
+    """Per-token advantages: rf's GSPO-token gradient (verl's form) redistributes each sequence's gradient over its
+    tokens where OpenRLHF differentiates the sequence ratio; the loss and each sequence's summed gradient agree."""
+    lp, old, adv, mask, roll = _gspo_batch(per_sequence_advantages=False)
+    (o1, g1), (o2, g2) = (_gspo_run(cls, lp, old, adv, mask, roll) for cls in (L.PolicyLoss, ORIG_POLICY))
+    assert_rel(o1[0], o2[0], 1e-7, "loss")
+    assert_rel(g1[0].sum(-1), g2[0].sum(-1), 1e-7, "per-sequence sum of d log_probs")
+    assert (g1[0] - g2[0]).abs().max() > 1e-3  # the documented difference is real
+    assert_rel(g1[2], g2[2], 1e-7, "d advantages")
+
+
+def test_gspo_with_dual_clip_goes_to_openrlhf(patched):
+    lp, old, adv, mask, roll = _gspo_batch(per_sequence_advantages=True)
     before = rf_orl.calls["PolicyLoss_to_openrlhf"]
-    a = L.PolicyLoss(policy_loss_type="gspo")(x, x * 0.9, x, m)
-    b = ORIG_POLICY(policy_loss_type="gspo")(x, x * 0.9, x, m)
-    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before + 1 and torch.equal(a[0], b[0])
+    (o1, _), (o2, _) = (_gspo_run(cls, lp, old, adv, mask, roll, dual_clip=3.0) for cls in (L.PolicyLoss, ORIG_POLICY))
+    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before + 1 and torch.equal(o1[0], o2[0])
+    with pytest.raises(ValueError, match="needs rollout_log_probs"):
+        _gspo_run(L.PolicyLoss, lp, old, adv, mask, None, is_level="token")
+
+
+# OpenRLHF's IS-correction settings (level, mode, gating, threshold) with bands that bite on _is_batch's data
+IS_CONFIGS = [("token", "clip", "ratio", (0.8, 1.25)), ("token", "mask", "ratio", (0.8, 1.25)),
+              ("seq", "mask", "ratio", (0.97, 1.05)), ("token", "mask", "binary_kl", (0.0, 0.006)),
+              ("seq", "mask", "binary_kl", (0.0, 0.04)), ("token", "mask", "tv", (0.0, 0.04)),
+              ("seq", "mask", "tv", (-1.0, 0.07))]
+
+
+def _is_batch(seed=5, B=6, T=10):
+    """Trainer and rollout log-probs of sampled tokens (probabilities 0.05..0.95), a mask with padding, a hole
+    and an empty last row."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B + 1, T, generator=g, dtype=torch.float64) * 3 - 0.05
+    roll = (old + 0.3 * torch.randn(B + 1, T, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
+    mask = (torch.arange(T)[None] < torch.tensor([10, 7, 1, 9, 4, 10, 0])[:, None]).double()
+    mask[0, 3:5] = 0
+    return old, roll, mask
+
+
+def _openrlhf_is_coefficients(level, mode, gating, threshold, old, roll, mask):
+    """OpenRLHF's own per-token IS coefficient, read off its PolicyLoss: with log_probs = old_log_probs (ratio 1)
+    and a token-sum loss, loss = Σ coef·(-A)·mask, so d loss / d A = -coef·mask."""
+    adv = torch.zeros_like(old).requires_grad_()
+    pl = ORIG_POLICY(is_correction_level=level, is_correction_mode=mode, is_correction_gating=gating,
+                     is_correction_threshold=threshold)
+    out = pl(old, old, adv, mask, rollout_log_probs=roll, batch_num_tokens=1.0)
+    out[0].backward()
+    return -adv.grad, out
+
+
+@pytest.mark.parametrize("cfg", IS_CONFIGS, ids=lambda c: "-".join(map(str, c[:3])))
+def test_is_correction_weights_are_openrlhfs(cfg):
+    """rf.rollout_correction (via the adapter's mapping) gives OpenRLHF's coefficients and filter ratio."""
+    old, roll, mask = _is_batch()
+    coef, out = _openrlhf_is_coefficients(*cfg, old, roll, mask)
+    w, frac = rf_orl.is_correction_weights(old, roll, mask, *cfg)
+    assert_rel(w, coef, 1e-14, "IS coefficients")
+    assert 0 < float(frac) < 1  # the band bites, and not everywhere
+    assert float(frac) == pytest.approx(float(out[4]), rel=1e-7)  # OpenRLHF's seq-level ratio is float32
+
+
+@pytest.mark.parametrize("cfg", IS_CONFIGS, ids=lambda c: "-".join(map(str, c[:3])))
+@pytest.mark.parametrize("token_level", [True, False])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_is_corrected_policy_loss_runs_on_rf(patched, cfg, token_level, dual_clip):
+    old, roll, mask = _is_batch(seed=6)
+    g = torch.Generator().manual_seed(7)
+    lp = old + 0.2 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    adv = torch.randn(old.shape, generator=g, dtype=torch.float64)
+    kw = dict(dp_size=2, batch_num_tokens=90.0, global_batch_size=11.0) if dual_clip else {}
+    level, mode, gating, threshold = cfg
+    res = []
+    before = dict(rf_orl.calls)
+    for cls in (L.PolicyLoss, ORIG_POLICY):
+        leaves = [t.clone().requires_grad_() for t in (lp, old, adv)]
+        pl = cls(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level, is_correction_level=level,
+                 is_correction_mode=mode, is_correction_gating=gating, is_correction_threshold=threshold)
+        out = pl(*leaves, mask, rollout_log_probs=roll, **kw)
+        out[0].backward()
+        res.append((out, [t.grad for t in leaves]))
+    assert rf_orl.calls["PolicyLoss"] == before.get("PolicyLoss", 0) + 1
+    assert rf_orl.calls["PolicyLoss_to_openrlhf"] == before.get("PolicyLoss_to_openrlhf", 0)
+    (o1, g1), (o2, g2) = res
+    tol = 1e-12 if token_level else 1e-7  # OpenRLHF adds 1e-8 to the per-row token count
+    for i, what in enumerate(("loss", "clip_ratio", "ppo_kl", "vllm_kl")):
+        assert_rel(o1[i], o2[i], tol, what)
+    assert_rel(o1[4], o2[4], 1e-7, "is_filter_ratio")  # OpenRLHF's seq-level ratio is float32
+    for a, b, what in zip(g1, g2, ("d log_probs", "d old_log_probs", "d advantages")):
+        assert_rel(a, b, tol, what)
+
+
+def test_is_correction_without_rollout_log_probs_says_so(patched):
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs rollout_log_probs"):
+        L.PolicyLoss(is_correction_level="token")(x, x, x, torch.ones(2, 4))
 
 
 def _experience_maker():

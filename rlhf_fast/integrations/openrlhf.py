@@ -10,13 +10,21 @@ Replaced in every loaded ``openrlhf.*`` module that holds them:
   ``models.utils.compute_approx_kl``      -> rf.kl (k1/k2/k3 bounded to ±10 as OpenRLHF; ``unbiased_gradient``
                                             keeps the value and takes w·k2's gradient, w = clamped ratio)
   ``models.loss.PolicyLoss`` / ``ValueLoss`` -> subclasses whose forward runs rf.ppo_policy_loss / ppo_value_loss
-                                            with OpenRLHF's token_level_loss / global-batch normalisation; the
-                                            GSPO and rollout-IS-correction modes are handed to OpenRLHF's forward
+                                            with OpenRLHF's token_level_loss / global-batch normalisation; PPO's
+                                            rollout IS corrections (is_correction_level/mode/gating/threshold) on
+                                            rf.rollout_correction, GSPO on loss_type="gspo" (with dual_clip it
+                                            is handed to OpenRLHF's forward)
   ``RemoteExperienceMaker.get_advantages_and_returns`` / ``get_cumulative_returns`` -> rf.gae /
                                             rf.reinforce_pp_returns with OpenRLHF's semantics (masked values and
                                             rewards are zeroed, not skipped)
 Differences: seq-level losses divide by the token count exactly (OpenRLHF adds 1e-8); a row with no valid
-token gives 0 where OpenRLHF's masked_mean gives NaN.
+token gives 0 where OpenRLHF's masked_mean gives NaN. GSPO: rf takes verl's GSPO-token gradient (each token's
+gradient through its own log-prob, scaled by the sequence ratio; log-ratio clamped at 10) where OpenRLHF
+differentiates the sequence ratio through all of the sequence's tokens: the same loss, and the same gradients
+when the advantages are constant over each sequence (GRPO-style); with per-token advantages the gradient of
+each sequence is redistributed over its tokens (same sum); old_log_probs get no gradient (OpenRLHF's do;
+they are data in training). IS correction: a surviving token's ratio is exp(clip(l, ±20)) (OpenRLHF: unbounded).
+See docs/rollout_correction.md.
 """
 from __future__ import annotations
 
@@ -79,24 +87,68 @@ def _ones_if_none(mask, like):
     return torch.ones_like(like) if mask is None else mask
 
 
+_IS_LEVELS = {"token": "token", "seq": "geometric"}  # OpenRLHF's seq gate reads the per-sequence mean
+
+
+def is_correction_weights(old_log_probs, rollout_log_probs, mask, level, mode, gating, threshold):
+    """OpenRLHF's PolicyLoss IS-correction coefficients on rf.rollout_correction -> (weights, is_filter_ratio).
+
+    level token|seq, mode clip|mask, gating ratio|binary_kl|tv, threshold (low, high): survivors of a mask keep
+    their own token's ratio; clip clamps the token ratio. is_filter_ratio as OpenRLHF reports it: over valid
+    tokens at token level, over all rows at seq level (a row without a valid token counts as filtered)."""
+    if rollout_log_probs is None:
+        raise ValueError(f"is_correction_level={level!r} needs rollout_log_probs (the rollout engine's log-probs)")
+    low, high = (float(t) for t in threshold)
+    clip = mode == "clip"
+    w, st = F.rollout_correction(old_log_probs, rollout_log_probs, mask, level=_IS_LEVELS[level],
+                                 mode="truncate" if clip else "mask", low=low if low > 0 else None, high=high,
+                                 gate=gating, keep="unit" if clip else "token")
+    name = "truncated" if clip else "masked"
+    if level == "token":
+        return w, st[f"{name}_frac"]
+    rows = (mask != 0).any(-1)
+    n = rows.to(w.dtype).sum()
+    return w, (st[f"{name}_seq_frac"] * n + (rows.numel() - n)) / max(rows.numel(), 1)
+
+
 def _policy_loss_class(base):
     class PolicyLoss(base):
-        """OpenRLHF's PolicyLoss with the PPO path on rf.ppo_policy_loss."""
+        """OpenRLHF's PolicyLoss on rf: PPO (with its IS corrections, rf.rollout_correction) and GSPO
+        (rf.ppo_policy_loss loss_type="gspo"); GSPO with dual_clip goes to OpenRLHF's forward."""
 
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                     batch_num_tokens=None, global_batch_size=None):
-            if self.policy_loss_type != "ppo" or self.is_correction_level != "off":
-                calls["PolicyLoss_to_openrlhf"] += 1
+            gspo = self.policy_loss_type == "gspo"
+            if self.policy_loss_type not in ("ppo", "gspo") or (gspo and self.dual_clip is not None):
+                calls["PolicyLoss_to_openrlhf"] += 1  # rf's gspo has no dual clip
                 return super().forward(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
                                        batch_num_tokens, global_batch_size)
             calls["PolicyLoss"] += 1
             mask = _ones_if_none(action_mask, log_probs)
             agg, kw = _agg(self.token_level_loss, mask, dp_size, batch_num_tokens, global_batch_size)
-            loss, st = F.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
-                                         clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg, **kw)
             # OpenRLHF's ppo_kl is over the unclamped log-ratio (rf's approx_kl clamps it at ±20 like the ratio)
             ppo_kl = F.masked_mean(-(log_probs - old_log_probs).detach(), mask)
-            return loss, st["clipfrac"], ppo_kl, None, None
+            if gspo:
+                # OpenRLHF's GSPO: the sequence ratio against the rollout log-probs when IS correction is on (no
+                # gate), against old_log_probs otherwise; per-sequence loss (token_level_loss forced off)
+                base = old_log_probs
+                if self.is_correction_level != "off":
+                    if rollout_log_probs is None:
+                        raise ValueError(f"is_correction_level={self.is_correction_level!r} needs rollout_log_probs")
+                    base = rollout_log_probs
+                loss, st = F.ppo_policy_loss(log_probs, base, advantages, mask, clip_low=self.clip_eps_low,
+                                             clip_high=self.clip_eps_high, agg=agg, loss_type="gspo", **kw)
+                return loss, st["clipfrac"], ppo_kl, None, None
+            weights = vllm_kl = is_filter_ratio = None
+            if self.is_correction_level != "off":
+                weights, is_filter_ratio = is_correction_weights(
+                    old_log_probs, rollout_log_probs, mask, self.is_correction_level, self.is_correction_mode,
+                    self.is_correction_gating, self.is_correction_threshold)
+                vllm_kl = F.masked_mean((rollout_log_probs - old_log_probs).detach(), mask)
+            loss, st = F.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
+                                         clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg,
+                                         weights=weights, **kw)
+            return loss, st["clipfrac"], ppo_kl, vllm_kl, is_filter_ratio
 
     return PolicyLoss
 

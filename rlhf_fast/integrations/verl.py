@@ -3,12 +3,13 @@
     from rlhf_fast.integrations import verl as rf_verl
     rf_verl.register()     # in the driver and in every worker process (e.g. in a ray runtime_env hook)
     # then: algorithm.adv_estimator=rf_gae|rf_grpo|rf_rloo|rf_reinforce_plus_plus
-    #       actor_rollout_ref.actor.policy_loss.loss_mode=rf_vanilla
+    #       actor_rollout_ref.actor.policy_loss.loss_mode=rf_vanilla|rf_gspo|rf_cispo
 
 What register() does:
   - registers the advantage estimators ``rf_gae``, ``rf_grpo``, ``rf_rloo``, ``rf_reinforce_plus_plus`` and
-    the policy loss ``rf_vanilla`` (PPO with verl's dual clip, ``clip_ratio_c`` default 3) with verl's own
-    signatures, config keys and ``actor/*`` float metrics; the loss follows ``config.global_batch_info``
+    the policy losses ``rf_vanilla`` (PPO with verl's dual clip, ``clip_ratio_c`` default 3), ``rf_gspo`` and
+    ``rf_cispo`` with verl's own signatures, config keys, ``rollout_is_weights`` and ``actor/*`` float
+    metrics; the losses follow ``config.global_batch_info``
     (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor) exactly as verl's agg_loss does;
   - wraps ``ray_trainer.compute_advantage`` so that ``rf_gae`` receives ``values``, ``gamma`` and ``lam``
     (verl passes them only to its own ``gae``), and ``need_critic`` so ``rf_gae`` starts a critic as ``gae`` does;
@@ -44,7 +45,7 @@ from . import Patcher, require
 _patcher = Patcher("verl")
 calls = _patcher.calls
 ESTIMATORS = ("rf_gae", "rf_grpo", "rf_rloo", "rf_reinforce_plus_plus")
-POLICY_LOSSES = ("rf_vanilla",)
+POLICY_LOSSES = ("rf_vanilla", "rf_gspo", "rf_cispo")
 
 
 def _core():
@@ -144,24 +145,49 @@ def _batch_info(config):
     return dict(info) if info else {}
 
 
-def compute_policy_loss_rf_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                                   config=None, rollout_is_weights=None):
-    """verl's ``vanilla`` PPO policy loss (dual clip with ``clip_ratio_c``) on rf.ppo_policy_loss."""
+def _rf_policy_loss(name, loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights):
+    """verl's policy-loss signature on rf.ppo_policy_loss(loss_type=...): clip_ratio(_low/_high), the
+    global_batch_info normalisers of verl's agg_loss, rollout_is_weights as rf's weights, verl's metric names."""
     if config is None:
-        raise ValueError("rf_vanilla needs the actor config (clip_ratio, clip_ratio_c, global_batch_info)")
-    calls["rf_vanilla"] += 1
+        raise ValueError(f"{name} needs the actor config (clip_ratio, clip_ratio_low/high, global_batch_info)")
+    calls[name] += 1
     clip = config.clip_ratio
     lo = _cfg(config, "clip_ratio_low", clip)
     hi = _cfg(config, "clip_ratio_high", clip)
-    c = _cfg(config, "clip_ratio_c", 3.0)
-    if not c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {c}")
+    c = None
+    if loss_type == "ppo":  # verl's vanilla is dual-clip PPO
+        c = _cfg(config, "clip_ratio_c", 3.0)
+        if not c > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {c}")
     agg, kw, f = _agg_args(loss_agg_mode, log_prob.shape[-1], **_batch_info(config))
     loss, st = F.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=lo, clip_high=hi,
-                                 dual_clip=c, agg=agg, weights=rollout_is_weights, **kw)
+                                 dual_clip=c, agg=agg, weights=rollout_is_weights, loss_type=loss_type, **kw)
+    # gspo / cispo: dual_clipfrac is 0, verl's pg_clipfrac_lower for them
     metrics = {"actor/pg_clipfrac": st["clipfrac"].item(), "actor/ppo_kl": st["approx_kl"].item(),
                "actor/pg_clipfrac_lower": st["dual_clipfrac"].item()}
     return (loss if f == 1.0 else loss * f), metrics
+
+
+def compute_policy_loss_rf_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                   config=None, rollout_is_weights=None):
+    """verl's ``vanilla`` PPO policy loss (dual clip with ``clip_ratio_c``) on rf.ppo_policy_loss."""
+    return _rf_policy_loss("rf_vanilla", "ppo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                           config, rollout_is_weights)
+
+
+def compute_policy_loss_rf_gspo(old_log_prob, log_prob, advantages, response_mask,
+                                loss_agg_mode="seq-mean-token-mean", config=None, rollout_is_weights=None):
+    """verl's ``gspo`` (GSPO-token: sequence ratio, log-ratio clamped at 10) on rf.ppo_policy_loss(loss_type="gspo")."""
+    return _rf_policy_loss("rf_gspo", "gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                           config, rollout_is_weights)
+
+
+def compute_policy_loss_rf_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                 config=None, rollout_is_weights=None):
+    """verl's ``cispo`` (-sg(clip(r))·A·logp) on rf.ppo_policy_loss(loss_type="cispo")."""
+    return _rf_policy_loss("rf_cispo", "cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                           config, rollout_is_weights)
 
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
@@ -471,7 +497,8 @@ def _hot_swaps():
 # ----------------------------------------------------------------------------- registration
 _ESTIMATOR_FNS = {"rf_gae": compute_rf_gae, "rf_grpo": compute_rf_grpo, "rf_rloo": compute_rf_rloo,
                   "rf_reinforce_plus_plus": compute_rf_reinforce_plus_plus}
-_POLICY_FNS = {"rf_vanilla": compute_policy_loss_rf_vanilla}
+_POLICY_FNS = {"rf_vanilla": compute_policy_loss_rf_vanilla, "rf_gspo": compute_policy_loss_rf_gspo,
+               "rf_cispo": compute_policy_loss_rf_cispo}
 _registered: list[tuple[dict, str]] = []
 _replaced: dict[int, tuple[object, object]] = {}  # id(rf's object) -> (rf's, verl's), for unregister()
 
