@@ -98,7 +98,17 @@ def _triton_pass(x, lab, old, adv, m, scale, ref, c: _Config):
                            ACC=acc, NTERMS=nterms)
             one = torch.ones(1, dtype=dt, device=x.device)
             _fl.launch_bwd(x3, lab, grads, one, x3, c.inv_t, row_acc)
-    return stats.sum(0)[:6], grads[:, 4:7]
+    return stats.sum(0)[:6], grads[:, 4:7], grads  # grads: the row state of _triton_slice_bwd
+
+
+def _triton_slice_bwd(x, lab, state, G, c: _Config):
+    """d loss / d x into x (in place) for logits x [N, W] of some W vocabulary columns, labels lab [N] in that
+    window, the row state of _triton_pass (lse and the per-token coefficients of the whole row) times G."""
+    if x.shape[0]:
+        row_acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        with _backend.device_guard(x.device):
+            x3 = x.unsqueeze(0)
+            _fl.launch_bwd(x3, lab, state, G.reshape(1).to(state.dtype), x3, c.inv_t, row_acc)
 
 
 def _runs(scale):
@@ -133,13 +143,76 @@ def _cpu_pass(x, lab, old, adv, m, scale, ref, c: _Config):
         ent[a:b] = saved[:, 4]
     if N:
         torch.ops.rlhf_fast.logprobs_bwd_(x, g_lp, g_ent, lab, lse, ent, c.inv_t, -100)
-    return sums, d_tok
+    return sums, d_tok, torch.stack([g_lp, g_ent, lse, ent], 1)  # the row state of _cpu_slice_bwd
+
+
+def _cpu_slice_bwd(x, lab, state, G, c: _Config):
+    """As _triton_slice_bwd, with the row state of _cpu_pass."""
+    if x.shape[0]:
+        g = G.to(state.dtype)
+        torch.ops.rlhf_fast.logprobs_bwd_(x, (state[:, 0] * g).contiguous(), (state[:, 1] * g).contiguous(), lab,
+                                          state[:, 2].contiguous(), state[:, 3].contiguous(), c.inv_t, -100)
+
+
+SPARE = 4  # vocabulary columns beside a slice, where the rows whose label is elsewhere put their one-hot
+
+
+def vocab_chunk_cols(n_rows: int, hidden: int, vocab: int, chunk_rows: int) -> int:
+    """Vocabulary columns per slice of the backward: [N, cols + SPARE] logits and a [cols, H] grad_weight slice
+    each within one row chunk's [chunk_rows, V] elements, a multiple of ROW_MULTIPLE where that leaves one."""
+    cols = min(vocab, max(1, chunk_rows * vocab // max(n_rows, hidden, 1) - SPARE))
+    if cols >= ROW_MULTIPLE and cols < vocab:
+        cols -= cols % ROW_MULTIPLE
+    return cols
+
+
+def _grad_weight(hidden, weight, bias, lab, state, G, slice_bwd, c: _Config, gd, acc, C):
+    """grad_weight [V, H] (weight's dtype) of the loss, G times: per slice of vocabulary columns, recompute the
+    slice's logits for all N rows (one GEMM), turn them into d loss / d logits with the forward's row state
+    (logsumexp and per-token coefficients of the whole row), and grad_weight[slice] = g.T @ hidden (one GEMM,
+    the whole sum over the N rows in it, rounded once): no [V, H] accumulator.
+    The row kernels want each row's label inside the row: the logits are those of a window of the slice and
+    SPARE other columns, and a row whose label lies outside the slice points at a spare column (its one-hot
+    lands there and is dropped; the slice's columns get exactly -p·(...) terms)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    cols = vocab_chunk_cols(N, hidden.shape[1], V, C)
+    h = hidden.to(gd)
+    b = None if bias is None else bias.to(acc)
+    grad_w = torch.empty_like(weight)
+    valid = (lab >= 0) & (lab < V)
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        width = V if v1 - v0 == V else min(V, v1 - v0 + SPARE)
+        a = v0 if v0 + width <= V else V - width  # the window [a, a + width) holds [v0, v1)
+        spare = v1 - a if v1 < a + width else 0  # a column of the window outside the slice
+        inside = (lab >= v0) & (lab < v1)
+        lab_w = torch.where(inside, lab - a, torch.where(valid, spare, torch.where(lab == -100, -100, -1)))
+        x = _chunk_logits(h, weight[a:a + width].to(gd), None if b is None else b[a:a + width], acc)
+        slice_bwd(x, lab_w, state, G, c)  # x now holds G · d loss / d logits
+        g = x[:, v0 - a:v1 - a].to(gd)
+        del x
+        grad_w[v0:v1] = _mm(g.T, h, acc)
+        del g
+    return grad_w
+
+
+class _Passes(NamedTuple):
+    pass_: object      # the fused forward pass over a chunk of rows (_triton_pass, _cpu_pass)
+    slice_bwd: object  # d loss / d logits of a window of vocabulary columns (_triton_slice_bwd, _cpu_slice_bwd)
 
 
 class LinearPPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, agg, cu_seqlens,
                 head_dtype, fused, chunk_rows, grad_enabled):
+        with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs the backward recomputes, alike
+            return LinearPPOLossFunction._forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask,
+                                                  ref_logp, cfg, agg, cu_seqlens, head_dtype, fused, chunk_rows,
+                                                  grad_enabled)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, agg, cu_seqlens,
+                 head_dtype, fused, chunk_rows, grad_enabled):
         fp64 = torch.float64 in (hidden.dtype, weight.dtype, head_dtype)
         acc = torch.float64 if fp64 else torch.float32  # of the logits
         dt = torch.float64 if fp64 else acc_dtypes(old_logp, advantages, ref_logp)[0]  # of the per-token math
@@ -158,7 +231,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         w = weight.to(gd)
         b = None if bias is None else bias.to(acc)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        state = None  # the passes' row state, kept for grad_weight (computed in the backward: _grad_weight)
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         d_tok = torch.empty(N, 3, dtype=dt, device=hidden.device) if any(need_tok) else None
         parts = []
@@ -166,8 +239,12 @@ class LinearPPOLossFunction(torch.autograd.Function):
             j = min(N, i + C)
             h = hidden[i:j].to(gd)
             logits = _chunk_logits(h, w, b, acc)
-            sums, dt_c = fused(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j], cfg)
+            sums, dt_c, st_c = fused.pass_(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j], cfg)
             parts.append(sums)
+            if need_w:
+                if state is None:
+                    state = torch.empty(N, st_c.shape[1], dtype=st_c.dtype, device=st_c.device)
+                state[i:j] = st_c
             if d_tok is not None:
                 d_tok[i:j] = dt_c
             g = logits  # (the fused pass wrote d loss / d logits into it)
@@ -177,11 +254,6 @@ class LinearPPOLossFunction(torch.autograd.Function):
             g = g.to(gd)
             if need_h:
                 grad_h[i:j] = _mm(g, w, acc)
-            if need_w:
-                if g.dtype == acc:
-                    grad_w.addmm_(g.T, h)
-                else:
-                    grad_w += _mm(g.T, h, acc)
             del g, h
         sums = torch.stack(parts).sum(0) if parts else torch.zeros(6, dtype=dt, device=hidden.device)
         sums = sums.to(dt)
@@ -192,9 +264,13 @@ class LinearPPOLossFunction(torch.autograd.Function):
         if cfg.kl_coef:
             loss = loss + cfg.kl_coef * kl
         out = [pg_loss, sums[3] / tot, sums[4] / tot, sums[5] / tot, ent, kl]
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b, d_tok)
+        del w
+        if need_w:
+            ctx.save_for_backward(grad_h, grad_b, d_tok, hidden, weight, bias, lab, state)
+        else:
+            ctx.save_for_backward(grad_h, grad_b, d_tok)
+        ctx.need_w, ctx.fused, ctx.cfg, ctx.gd, ctx.acc, ctx.C = need_w, fused, cfg, gd, acc, C
         ctx.tok_meta = [(t.shape, t.dtype) if t is not None else None for t in (old_logp, advantages, ref_logp)]
         ctx.used = False
         ctx.mark_non_differentiable(*out)
@@ -206,8 +282,13 @@ class LinearPPOLossFunction(torch.autograd.Function):
             raise RuntimeError("linear_ppo_loss: its backward scales the gradients saved by the forward in place "
                                "and runs once; recompute the loss to differentiate it again")
         ctx.used = True
-        grad_h, grad_w, grad_b, d_tok = ctx.saved_tensors
-        grads = [g.mul_(G.to(g.dtype)) if g is not None else None for g in (grad_h, grad_w, grad_b)]
+        grad_h, grad_b, d_tok, *kept = ctx.saved_tensors
+        grad_w = None
+        if ctx.need_w:
+            with torch.autocast(G.device.type, enabled=False):
+                grad_w = _grad_weight(*kept, G, ctx.fused.slice_bwd, ctx.cfg, ctx.gd, ctx.acc, ctx.C)
+        grads = [g.mul_(G.to(g.dtype)) if g is not None else None for g in (grad_h, grad_b)]
+        grads.insert(1, grad_w)
         tok = [None, None, None]
         for c, (i, meta) in enumerate(zip((4, 5, 7), ctx.tok_meta)):
             if ctx.needs_input_grad[i] and meta is not None and d_tok is not None:
@@ -240,8 +321,8 @@ def _implementation(fused, backend: str):
     return linear_ppo_loss
 
 
-linear_ppo_loss_triton = _implementation(_triton_pass, "triton")
+linear_ppo_loss_triton = _implementation(_Passes(_triton_pass, _triton_slice_bwd), "triton")
 _backend.register("linear_ppo_loss", "triton")(linear_ppo_loss_triton)
 if _compiled.LOADED:
-    linear_ppo_loss_cpu = _implementation(_cpu_pass, "cpu")
+    linear_ppo_loss_cpu = _implementation(_Passes(_cpu_pass, _cpu_slice_bwd), "cpu")
     _backend.register("linear_ppo_loss", "cpu")(linear_ppo_loss_cpu)
