@@ -1,18 +1,29 @@
 """linear_ppo_loss: the PPO loss of ppo_loss_from_logits(hidden @ weight.T + bias, ...) without the
-[N, V] logits, in row chunks, with 3 GEMMs per chunk and no recompute.
+[N, V] logits: row chunks in the forward, vocabulary slices for grad_weight in the backward.
 
 The loss is Σ_t w_t·(pg_t - entropy_coef·H_t + kl_coef·kl_t) with per-token aggregation weights
 w_t = mask_t·scale_t known from the mask before any logit exists (``token_scale``), so each chunk's
-contribution and its gradient are final when the chunk is done. Per chunk of rows:
+contribution and its gradient are final when the chunk is done. Forward, per chunk of rows:
   1. logits_c = hidden_c @ weight.T (+ bias)                    GEMM, [rows, V] in fp32 (fp64)
   2. the fused ppo_loss_from_logits pass on logits_c with the weights of the whole batch: one read
      for the row statistics and the per-token terms, then the in-place backward turns logits_c into
      d loss / d logits_c (one read + one write, no second [rows, V] buffer)
-  3. grad_hidden_c = g_c @ weight, grad_weight += g_c.T @ hidden_c  GEMMs (grad_bias += Σ_rows g_c)
-The loss is a scalar, so the backward only scales the saved gradients by the upstream gradient (in
-place: a second backward through the same graph is an error). At most one chunk of logits is alive;
-the forward keeps grad_hidden and grad_weight (an fp32 [V, H] accumulator while it runs, for half
-weights) until the backward.
+  3. grad_hidden_c = g_c @ weight                               GEMM (grad_bias += Σ_rows g_c)
+and the row state (logsumexp, entropy, d loss / d logp and d loss / d entropy per row: O(N)) is kept.
+Backward: grad_hidden and grad_bias are scaled by the upstream gradient (in place: a second backward
+through the same graph is an error); grad_weight (``_grad_weight``), per slice of vocabulary columns:
+  4. logits_s = hidden @ weight[slice].T                        GEMM, [N, cols] (recomputed)
+  5. d loss / d logits_s from the row state, in place (the same row backward kernels)
+  6. grad_weight[slice] = g_s.T @ hidden                        GEMM over all N rows, rounded once
+Why grad_weight in the backward, at one more GEMM (4 instead of 3 when the weight is trained; 2 when it
+is frozen, as before): summing it over row chunks needs a [V, H] accumulator kept from the forward to the
+backward, 2.49 GB in fp32 at N=16384, H=4096, V=151936 (plus the weight-dtype copy returned); summing it
+in the weight's dtype instead rounds at every chunk, and where the sum over tokens cancels (zero-mean
+advantages) that error is of the order of the result. Measured (CPU, benchmarks/bench_linear_ppo_loss.py
+``--grad-weight-designs``, results/cpu/linear_ppo_loss_grad_weight.json): see that file for the time
+ratio and the precision of the three designs against float64. Beyond what a plain autograd backward
+needs (grad_hidden, grad_weight), the forward keeps O(N·H) (grad_hidden) and O(N) and the backward
+allocates one chunk of logits (``vocab_chunk_cols``) at a time.
 
 Fused passes: "triton" runs the kernels of ops/ppo_loss_from_logits.py (the per-token scale is the
 kernel's row scale with rows of length 1); "cpu" runs torch.ops.rlhf_fast.ppo_from_logits_fwd, whose
