@@ -561,7 +561,8 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
     int (agg per sequence, as the padded [S, T] call). head_dtype: the dtype the head's GEMMs run in
     (e.g. torch.float32 for bf16 models); chunk_size: rows of logits per chunk (default adapts to N
     and V, at most N/8 rows). Same value, gradients (hidden, weight, bias) and stats as
-    ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so the loss can
+    ppo_loss_from_logits; the chunked backends compute grad hidden in the forward and grad weight in
+    the backward (per vocabulary slice, recomputing its logits: no [V, H] accumulator), so the loss can
     be backpropagated once.
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
