@@ -314,8 +314,8 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def grad_weight_designs(time_shape=dict(N=2048, H=512, V=32000), prec_shape=dict(N=2048, H=128, V=8192),
-                        n_chunks=43, reps=3, backend="cpu", out_dir=None):
+def grad_weight_designs(time_shape=dict(N=1024, H=512, V=32000), prec_shape=dict(N=2048, H=128, V=8192),
+                        n_chunks=43, reps=7, backend="cpu", out_dir=None):
     """Where linear_ppo_loss sums grad_weight, measured on the CPU in one run:
     * time and memory, forward + backward, fp32: the shipped design (grad_weight in the backward, per slice of
       vocabulary columns: 4 GEMMs) against the fp32 accumulator in the forward (3 GEMMs, the old design);
@@ -349,7 +349,10 @@ def grad_weight_designs(time_shape=dict(N=2048, H=512, V=32000), prec_shape=dict
 
     designs = {"shipped_recompute_in_backward": shipped, "accumulate_fp32_in_forward": old}
     runs = {k: {"_t": []} for k in designs}
-    for name, fn in designs.items():  # warm-up and memory
+    for name, fn in designs.items():  # warm-up, so that neither pays the allocator's first growth
+        clear()
+        fn()
+    for name, fn in designs.items():
         clear()
         runs[name]["mem_peak_bytes"], runs[name]["mem_extra_bytes"] = memory.measure(fn)
     grads = {}
