@@ -277,10 +277,11 @@ def _plot(result, path):
 
 # ----------------------------------------------------------------------------- where grad_weight is summed
 def _accumulate_in_forward(inp, backend, chunk_size, acc_dtype):
-    """The design before issue 20 (a baseline, not the library): per row chunk the logits GEMM, the fused
-    pass, grad_hidden = g @ W and grad_weight += g.T @ h into a [V, H] accumulator of ``acc_dtype`` kept until
-    the backward (fp32: 3 GEMMs and 2·V·H·2 bytes more than the bf16 grad; the weight's dtype: rounded at
-    every chunk, as a half-precision addmm with beta = 1 rounds). Returns (grad_hidden, grad_weight)."""
+    """grad_weight summed over the row chunks in the forward (the op's GRAD_WEIGHT_IN_BACKWARD = False design,
+    written out here for the precision study only): per row chunk the logits GEMM, the fused pass,
+    grad_hidden = g @ W and grad_weight += g.T @ h into a [V, H] accumulator of ``acc_dtype`` (fp32; or the
+    weight's dtype: rounded at every chunk, as a half-precision addmm with beta = 1 rounds).
+    Returns (grad_hidden, grad_weight)."""
     from rlhf_fast.ops import linear_ppo_loss as lpl
     from rlhf_fast.ops.linear_logprobs import _chunk_logits, _mm
 
@@ -328,21 +329,29 @@ def grad_weight_designs(time_shape=dict(N=1024, H=512, V=32000), prec_shape=dict
     inp = make_inputs(time_shape, torch.float32, "cpu")
     kept = {}
 
-    def shipped():
+    from rlhf_fast.ops import linear_ppo_loss as lpl
+
+    def run(name, in_backward):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            loss, _ = rf.linear_ppo_loss(inp["hidden"], inp["weight"], inp["labels"], inp["old_logp"],
-                                         inp["advantages"], inp["mask"], **{**KW, "ref_logp": inp["ref_logp"]},
-                                         backend=backend)
-        ins = {t.untyped_storage().data_ptr() for t in inp.values()}
-        kept["shipped"] = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in ins)
-        loss.backward()
+        lpl.GRAD_WEIGHT_IN_BACKWARD = in_backward
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                loss, _ = rf.linear_ppo_loss(inp["hidden"], inp["weight"], inp["labels"], inp["old_logp"],
+                                             inp["advantages"], inp["mask"], **{**KW, "ref_logp": inp["ref_logp"]},
+                                             backend=backend)
+            ins = {t.untyped_storage().data_ptr() for t in inp.values()}
+            kept[name] = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in ins)
+            del saved
+            loss.backward()
+        finally:
+            lpl.GRAD_WEIGHT_IN_BACKWARD = True
         return inp["hidden"].grad, inp["weight"].grad
 
-    def old():
-        g = _accumulate_in_forward(inp, backend, None, torch.float32)
-        kept["accumulate_fp32"] = g[0].numel() * 4 + g[1].numel() * 4  # grad_hidden and grad_weight, kept
-        return g
+    def shipped():
+        return run("shipped", True)
+
+    def old():  # the op with GRAD_WEIGHT_IN_BACKWARD = False
+        return run("accumulate_fp32", False)
 
     def clear():
         inp["hidden"].grad = inp["weight"].grad = None

@@ -104,3 +104,22 @@ def test_frozen_weight_runs_no_backward_gemm(backend):
     with _MM():
         loss.backward()
     assert calls == [] and h.grad is not None
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_grad_weight_in_forward_setting_gives_the_same_gradients(backend, monkeypatch):
+    # GRAD_WEIGHT_IN_BACKWARD = False: the 3-GEMM design (fp32 accumulator in the forward), same gradients
+    from rlhf_fast.ops import linear_ppo_loss as lpl
+
+    hidden, weight, labels, old, adv, mask = _inputs(24, 8, 301)
+    bias = torch.randn(301, device=DEVICE)
+    res = []
+    for flag in (True, False):
+        monkeypatch.setattr(lpl, "GRAD_WEIGHT_IN_BACKWARD", flag)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss, _ = rf.linear_ppo_loss(leaves[0], leaves[1], labels, old, adv, mask, bias=leaves[2], ref_logp=old,
+                                     kl_coef=0.1, entropy_coef=0.02, temperature=0.8, chunk_size=5, backend=backend)
+        (3 * loss).backward()
+        res.append([t.grad for t in leaves])
+    for name, a, b in zip(("hidden", "weight", "bias"), *res):
+        assert_rel(a, b, 1e-6, f"{backend} grad {name}")

@@ -20,9 +20,9 @@ is frozen, as before): summing it over row chunks needs a [V, H] accumulator kep
 backward, 2.49 GB in fp32 at N=16384, H=4096, V=151936 (plus the weight-dtype copy returned); summing it
 in the weight's dtype instead rounds at every chunk, and where the sum over tokens cancels (zero-mean
 advantages) that error is of the order of the result. Measured on the CPU (benchmarks/bench_linear_ppo_loss.py
-``--grad-weight-designs``, results/cpu/linear_ppo_loss_grad_weight.json): forward + backward takes 1.4-1.7x
-the time of the fp32-accumulator design (N=1024, H=512, V=32000 fp32, p20-p50 of 7 interleaved runs on
-a loaded 2-core machine), keeps 2.1 MB instead of 67.6 MB from the forward to the backward; for bf16
+``--grad-weight-designs``, results/cpu/linear_ppo_loss_grad_weight.json): forward + backward takes 1.39x
+the time of the fp32-accumulator design (N=1024, H=512, V=32000 fp32, median of 7 interleaved runs; 1.4-1.7x
+in runs on a more loaded 2-core machine; 4/3 in GEMM FLOPs), keeps 2.1 MB instead of 67.6 MB from the forward to the backward; for bf16
 weights with 43 row chunks its grad_weight is as close to float64 as the fp32 accumulator (one bf16
 rounding, 1.6e-3 relative), where a bf16 accumulator gives 2.5e-3 overall and 0.56 on the 1% of entries
 whose sum cancels most. Beyond what a plain autograd backward
@@ -169,6 +169,10 @@ def _cpu_slice_bwd(x, lab, state, G, c: _Config):
                                           state[:, 2].contiguous(), state[:, 3].contiguous(), c.inv_t, -100)
 
 
+# False: the 3-GEMM design instead, grad_weight summed over the row chunks in the forward into an fp32 [V, H]
+# accumulator kept until the backward (faster by one GEMM per row of logits, 2·V·H·4 bytes more at the peak
+# for half weights; see the module docstring). A setting for measurements and for runs with memory to spare.
+GRAD_WEIGHT_IN_BACKWARD = True
 SPARE = 4  # vocabulary columns beside a slice, where the rows whose label is elsewhere put their one-hot
 
 
@@ -235,6 +239,8 @@ class LinearPPOLossFunction(torch.autograd.Function):
         C = chunk_rows or default_chunk_rows(N, V, acc)
         # the gradients cost two of the three GEMMs: none under no_grad
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        acc_w = need_w and not GRAD_WEIGHT_IN_BACKWARD  # the 3-GEMM design: a [V, H] accumulator
+        need_w = need_w and GRAD_WEIGHT_IN_BACKWARD
         need_tok = [grad_enabled and ctx.needs_input_grad[i] for i in (4, 5, 7)]
         scale, tot = token_scale(mask, agg, dt, cu_seqlens)
         old, adv = old_logp.reshape(-1).to(dt), advantages.reshape(-1).to(dt)
@@ -247,6 +253,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         b = None if bias is None else bias.to(acc)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         state = None  # the passes' row state, kept for grad_weight (computed in the backward: _grad_weight)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if acc_w else None
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         d_tok = torch.empty(N, 3, dtype=dt, device=hidden.device) if any(need_tok) else None
         parts = []
@@ -269,6 +276,11 @@ class LinearPPOLossFunction(torch.autograd.Function):
             g = g.to(gd)
             if need_h:
                 grad_h[i:j] = _mm(g, w, acc)
+            if acc_w:
+                if g.dtype == acc:
+                    grad_w.addmm_(g.T, h)
+                else:
+                    grad_w += _mm(g.T, h, acc)
             del g, h
         sums = torch.stack(parts).sum(0) if parts else torch.zeros(6, dtype=dt, device=hidden.device)
         sums = sums.to(dt)
@@ -283,6 +295,8 @@ class LinearPPOLossFunction(torch.autograd.Function):
         del w
         if need_w:
             ctx.save_for_backward(grad_h, grad_b, d_tok, hidden, weight, bias, lab, state)
+        elif acc_w:
+            ctx.save_for_backward(grad_h, grad_b, d_tok, grad_w.to(weight.dtype))
         else:
             ctx.save_for_backward(grad_h, grad_b, d_tok)
         ctx.need_w, ctx.fused, ctx.cfg, ctx.gd, ctx.acc, ctx.C = need_w, fused, cfg, gd, acc, C
@@ -302,6 +316,8 @@ class LinearPPOLossFunction(torch.autograd.Function):
         if ctx.need_w:
             with torch.autocast(G.device.type, enabled=False):
                 grad_w = _grad_weight(*kept, G, ctx.fused.slice_bwd, ctx.cfg, ctx.gd, ctx.acc, ctx.C)
+        elif kept:  # summed in the forward (GRAD_WEIGHT_IN_BACKWARD = False)
+            grad_w = kept[0].mul_(G.to(kept[0].dtype))
         grads = [g.mul_(G.to(g.dtype)) if g is not None else None for g in (grad_h, grad_b)]
         grads.insert(1, grad_w)
         tok = [None, None, None]
