@@ -315,11 +315,13 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def grad_weight_designs(time_shape=dict(N=1024, H=512, V=32000), prec_shape=dict(N=2048, H=128, V=8192),
-                        n_chunks=43, reps=7, backend="cpu", out_dir=None):
+def grad_weight_designs(time_shape=dict(N=1024, H=512, V=151936), prec_shape=dict(N=2048, H=128, V=8192),
+                        n_chunks=43, reps=4, backend="cpu", out_dir=None):
     """Where linear_ppo_loss sums grad_weight, measured on the CPU in one run:
-    * time and memory, forward + backward, fp32: the shipped design (grad_weight in the backward, per slice of
-      vocabulary columns: 4 GEMMs) against the fp32 accumulator in the forward (3 GEMMs, the old design);
+    * time and memory, forward + backward, fp32 (the issue-13 CPU shape): the shipped design (grad_weight in
+      the backward, per slice of vocabulary columns: 4 GEMMs) against the fp32 accumulator in the forward
+      (3 GEMMs, the old design, GRAD_WEIGHT_IN_BACKWARD = False) and ppo_loss_from_logits on materialised
+      logits, interleaved;
     * precision of grad_weight against float64 for bf16 hidden and weight, with the row chunks of the
       issue's shape (N=16384, V=151936: 43 chunks): fp32 accumulator, accumulator in the weight's dtype
       (bf16), and the shipped design. Relative Frobenius error, and the error where the sum cancels most
@@ -356,7 +358,12 @@ def grad_weight_designs(time_shape=dict(N=1024, H=512, V=32000), prec_shape=dict
     def clear():
         inp["hidden"].grad = inp["weight"].grad = None
 
-    designs = {"shipped_recompute_in_backward": shipped, "accumulate_fp32_in_forward": old}
+    def materialised():
+        _materialised(inp, backend)
+        return inp["hidden"].grad, inp["weight"].grad
+
+    designs = {"shipped_recompute_in_backward": shipped, "accumulate_fp32_in_forward": old,
+               "materialised_logits": materialised}
     runs = {k: {"_t": []} for k in designs}
     for name, fn in designs.items():  # warm-up, so that neither pays the allocator's first growth
         clear()
@@ -383,6 +390,8 @@ def grad_weight_designs(time_shape=dict(N=1024, H=512, V=32000), prec_shape=dict
               "runs": runs, "memory_note": memory.note,
               "time_ratio_shipped_over_old": runs["shipped_recompute_in_backward"]["time_ms"]["p50"]
               / runs["accumulate_fp32_in_forward"]["time_ms"]["p50"],
+              "time_ratio_vs_materialised": {k: runs[k]["time_ms"]["p50"] / runs["materialised_logits"]["time_ms"]["p50"]
+                                             for k in ("shipped_recompute_in_backward", "accumulate_fp32_in_forward")},
               "grad_rel_diff_between_designs": {"hidden": _rel(a[0], b[0]), "weight": _rel(a[1], b[1])}}
     del inp, grads, a, b
 

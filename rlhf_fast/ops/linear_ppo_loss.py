@@ -20,9 +20,10 @@ is frozen, as before): summing it over row chunks needs a [V, H] accumulator kep
 backward, 2.49 GB in fp32 at N=16384, H=4096, V=151936 (plus the weight-dtype copy returned); summing it
 in the weight's dtype instead rounds at every chunk, and where the sum over tokens cancels (zero-mean
 advantages) that error is of the order of the result. Measured on the CPU (benchmarks/bench_linear_ppo_loss.py
-``--grad-weight-designs``, results/cpu/linear_ppo_loss_grad_weight.json): forward + backward takes 1.39x
-the time of the fp32-accumulator design (N=1024, H=512, V=32000 fp32, median of 7 interleaved runs; 1.4-1.7x
-in runs on a more loaded 2-core machine; 4/3 in GEMM FLOPs), keeps 2.1 MB instead of 67.6 MB from the forward to the backward; for bf16
+``--grad-weight-designs``, results/cpu/linear_ppo_loss_grad_weight.json): forward + backward takes 1.41x
+the time of the fp32-accumulator design at the issue-13 CPU shape (N=1024, H=512, V=151936 fp32, median of
+4 interleaved runs; 4/3 in GEMM FLOPs), 1.57x that of materialised logits (the accumulator design: 1.12x),
+and keeps 2.1 MB instead of 313 MB from the forward to the backward; for bf16
 weights with 43 row chunks its grad_weight is as close to float64 as the fp32 accumulator (one bf16
 rounding, 1.6e-3 relative), where a bf16 accumulator gives 2.5e-3 overall and 0.56 on the 1% of entries
 whose sum cancels most. Beyond what a plain autograd backward
