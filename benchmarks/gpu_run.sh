@@ -10,12 +10,13 @@
 #
 # Every part has a time budget and the script goes on past failures; what was measured is always
 # written. The parts run in the order of what matters most if time runs out: build, tests (static
-# profile beside them), benchmark matrix, linear_ppo_loss, torch.compile pass, TRL step, PPO trainer;
+# profile beside them), benchmark matrix, linear_ppo_loss, torch.compile pass, TRL step, DDP/FSDP memory
+# (benchmarks/distributed_memory.py over the node's GPUs), PPO trainer;
 # a part that would not get its minimum is skipped and logged as such.
 # Optional: a .whl/ folder of wheels (pytest, matplotlib, trl, ...) installed first, offline.
 # Knobs (environment): GPU_RUN_TOTAL_S (default 480), GPU_RUN_BUILD_S (240), GPU_RUN_TESTS_S (180),
 # GPU_RUN_STATIC_S (150), GPU_RUN_LINPPO_S (60), GPU_RUN_TRL_S (120),
-# GPU_RUN_SKIP=build,static,tests,bench,linppo,compile,trl,trainer,plots
+# GPU_RUN_SKIP=build,static,tests,bench,linppo,compile,trl,dist,trainer,plots
 # GPU_RUN_BENCH_ARGS (extra args for python -m benchmarks), GPU_RUN_LINPPO_ARGS (for bench_linear_ppo_loss),
 # GPU_RUN_TRL_ARGS (for trl_grpo_step), GPU_RUN_RESULTS (results folder), PYTHON (interpreter),
 # RLHF_FAST_GIT_COMMIT (recorded in results).
@@ -278,6 +279,21 @@ else
   # shellcheck disable=SC2086
   limited "$B" "$LOG" "$PY" -m benchmarks.trl_grpo_step $TRL_ARGS --timeout $(( B / 3 )) --out "$RES" \
     && log "trl: ok ($RES/trl_grpo_step.json)" || { log "trl: FAILED or cut short"; FAILED="$FAILED trl"; }
+fi
+
+# ---------------------------------------------------------------- per-rank memory: DDP vs FSDP over this node's GPUs
+if skipped dist || [ "$DRY" = 1 ]; then
+  log "dist: skipped (GPU_RUN_SKIP or dry run; on a CPU: python -m benchmarks.distributed_memory)"
+elif [ "$(left)" -lt 60 ]; then
+  log "dist: skipped: only $(left)s left"
+else
+  NG=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  WORLDS=$(for w in 1 2 4 8; do [ "$w" -le "${NG:-0}" ] && printf '%s,' "$w"; done); WORLDS=${WORLDS%,}
+  B=$(budget 90 $(( 15 + $(wants trainer 45) )))
+  log "dist: python -m benchmarks.distributed_memory --device cuda --worlds ${WORLDS:-1} (limit ${B}s)"
+  limited "$B" "$LOG" "$PY" -m benchmarks.distributed_memory --device cuda --worlds "${WORLDS:-1}" --d-model 1024 \
+    --n-layer 8 --n-head 16 --batch 8 --timeout "$B" --out "$RES" \
+    && cat "$RES/distributed_memory.md" >>"$LOG" || { log "dist: FAILED or cut short"; FAILED="$FAILED dist"; }
 fi
 
 # ---------------------------------------------------------------- PPO trainer: rf ops vs reference ops

@@ -6,7 +6,8 @@
 Options: --config FILE (.json/.toml), --data FILE (JSONL for that stage), --out DIR (default runs/<command>),
 --resume (continue from <out>'s checkpoint), --threads N, then key=value overrides
 (``steps=100``, ``model.n_layer=2``; in the pipeline ``ppo.iterations=10``). Multi-process: ``torchrun
---nproc_per_node=2 -m rlhf_fast.cli pretrain`` (gloo on CPU, nccl on CUDA).
+--nproc_per_node=2 -m rlhf_fast.cli pretrain parallel=fsdp`` (gloo on CPU, nccl on CUDA; parallel=ddp|fsdp|auto,
+see docs/distributed.md).
 """
 from __future__ import annotations
 

@@ -159,17 +159,29 @@ def test_checkpoint_atomic_and_roundtrip(tmp_path):
     m(torch.randint(2, 90, (2, 5))).sum().backward()
     opt.step()
     path = str(tmp_path / "c.safetensors")
-    checkpoint.save(path, {"model": m}, optimizers={"opt": opt}, meta={"step": 3})
+    checkpoint.save(path, {"model": m}, meta={"step": 3})
     assert os.listdir(tmp_path) == ["c.safetensors"]  # no temp file left behind
+    assert checkpoint.meta(path) == {"step": 3}
     m2 = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2))
-    opt2 = torch.optim.AdamW(m2.parameters())
-    state = checkpoint.load(path, {"model": m2}, optimizers={"opt": opt2})
-    assert state["step"] == 3
-    for a, b in zip(m.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
-    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    m2.load_state_dict(checkpoint.module_state(checkpoint.read(path)[0], "model"))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
     with pytest.raises(FileNotFoundError):
         checkpoint.read(str(tmp_path / "none.safetensors"))
+    # the resumable state (DCP folder) in one process: modules, optimizer moments, RNG, meta
+    gen = torch.Generator().manual_seed(5)
+    out = str(tmp_path / "run")
+    checkpoint.save_state(out, 3, {"model": m}, {"opt": opt}, checkpoint.rng_state({"data": gen}), {"step": 3})
+    assert os.listdir(out) == ["ckpt-3"] and checkpoint.latest_state(out) == os.path.join(out, "ckpt-3")
+    want = torch.rand(3, generator=gen)
+    m3 = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2))
+    opt3 = torch.optim.AdamW(m3.parameters())
+    state = checkpoint.load_state(checkpoint.latest_state(out), {"model": m3}, {"opt": opt3})
+    gen3 = torch.Generator()
+    checkpoint.set_rng_state(state["rng"], {"data": gen3})
+    assert state["step"] == 3 and torch.equal(torch.rand(3, generator=gen3), want)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m3.parameters()))
+    for p, p3 in zip(m.parameters(), m3.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt3.state[p3]["exp_avg_sq"])
 
 
 def test_pretrain_exact_resume(tmp_path):
@@ -195,8 +207,9 @@ def test_pretrain_exact_resume(tmp_path):
 def test_tiny_pipeline_writes_everything(tiny_run):
     out, res = tiny_run
     for stage in ("pretrain", "sft", "reward", "ppo"):
-        for f in ("model.safetensors", "ckpt.safetensors", "metrics.jsonl", "result.json"):
+        for f in ("model.safetensors", "metrics.jsonl", "result.json"):
             assert os.path.exists(os.path.join(out, stage, f)), (stage, f)
+        assert checkpoint.latest_state(os.path.join(out, stage)), stage  # the resumable DCP folder
     for f in ("metrics.jsonl", "summary.json", "curves.png"):
         assert os.path.exists(os.path.join(out, f)), f
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

@@ -25,6 +25,7 @@ def test_two_process_pretraining_matches_one(tmp_path):
            "-m", "rlhf_fast.cli", "pretrain", "--out", str(tmp_path / "ddp"), *ARGS]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "parallel=ddp over 2 processes (gloo)" in p.stdout  # what parallel=auto picks for a tiny model
     p1 = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "pretrain", "--out", str(tmp_path / "one"), *ARGS],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert p1.returncode == 0, p1.stderr[-3000:]
@@ -32,3 +33,11 @@ def test_two_process_pretraining_matches_one(tmp_path):
     assert len(ddp) == len(one) == 4
     assert ddp == pytest.approx(one, rel=1e-4)
     assert os.path.exists(tmp_path / "ddp" / "model.safetensors")
+    # the DDP run's checkpoint (DCP, written by both ranks) continues in one process like the one-process run's
+    for run in ("ddp", "one"):
+        p = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "pretrain", "--out", str(tmp_path / run), *ARGS,
+                            "steps=6", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stderr[-3000:]
+    ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
+    assert len(ddp) == len(one) == 6
+    assert ddp == pytest.approx(one, rel=1e-4)

@@ -174,8 +174,9 @@ def test_stages_from_an_hf_model_through_the_cli(hf_dirs, tmp_path):
                  "rollout_size=4", "minibatch_size=2", "ppo_epochs=1", "ptx_batch_size=2", "max_new_tokens=4",
                  "device=cpu"]) == 0
     for d in (sft_out, rm_out, ppo_out):
-        for f in ("model.safetensors", "ckpt.safetensors", "metrics.jsonl", "config.json"):
+        for f in ("model.safetensors", "metrics.jsonl", "config.json"):
             assert os.path.exists(os.path.join(d, f)), (d, f)
+        assert checkpoint.latest_state(d), d  # the resumable DCP folder
     assert len(_finite_losses(sft_out)) == 3 and len(_finite_losses(rm_out)) == 3
     for k in ("pg_loss", "vf_loss", "ptx_loss", "kl", "mean_score"):
         assert len(_finite_losses(ppo_out, k)) == 2

@@ -33,6 +33,9 @@ class ModelConfig:
 _INIT = "a checkpoint, or hf:/local/folder for a transformers model"
 _SEED = "seed of the data order, initialisation and sampling"
 _DEVICE = "auto (cuda when available), cpu, cuda, cuda:1, ..."
+_PARALLEL = ("under torchrun: ddp (a full replica per rank), fsdp (FSDP2: parameters, gradients and optimizer "
+             "state sharded over the ranks), auto (ddp while a replica fits in a quarter of a rank's memory, else fsdp)")
+_MP = "fsdp only: bf16 (bf16 parameters, fp32 reduction and master weights), fp32, auto (bf16 on CUDA, fp32 on CPU)"
 _STOP = "end this run after this many steps (0 = run to the end); continue later with --resume"
 
 
@@ -52,6 +55,8 @@ class PretrainConfig:
     stop_after: int = opt(0, _STOP)
     seed: int = opt(1234, _SEED)
     device: str = opt("auto", _DEVICE)
+    parallel: str = opt("auto", _PARALLEL)
+    mixed_precision: str = opt("auto", _MP)
 
 
 @dataclass
@@ -71,6 +76,8 @@ class SFTConfig:
     stop_after: int = opt(0, _STOP)
     seed: int = opt(1235, _SEED)
     device: str = opt("auto", _DEVICE)
+    parallel: str = opt("auto", _PARALLEL)
+    mixed_precision: str = opt("auto", _MP)
 
 
 @dataclass
@@ -91,6 +98,8 @@ class RewardConfig:
     stop_after: int = opt(0, _STOP)
     seed: int = opt(1236, _SEED)
     device: str = opt("auto", _DEVICE)
+    parallel: str = opt("auto", _PARALLEL)
+    mixed_precision: str = opt("auto", _MP)
 
 
 @dataclass
@@ -127,6 +136,8 @@ class PPOConfig:
     stop_after: int = opt(0, _STOP)
     seed: int = opt(1237, _SEED)
     device: str = opt("auto", _DEVICE)
+    parallel: str = opt("auto", _PARALLEL)
+    mixed_precision: str = opt("auto", _MP)
 
 
 @dataclass
@@ -136,6 +147,8 @@ class PipelineConfig:
     reward: RewardConfig = opt(RewardConfig, "stage 3")
     ppo: PPOConfig = opt(PPOConfig, "stage 4")
     device: str = opt("auto", f"applied to every stage: {_DEVICE}")
+    parallel: str = opt("auto", "applied to every stage unless auto: ddp, fsdp, auto")
+    mixed_precision: str = opt("auto", "applied to every stage unless auto: bf16, fp32, auto")
     seed: int = opt(0, "added to every stage's seed (runs with other seeds: seed=1, seed=2, ...)")
 
 

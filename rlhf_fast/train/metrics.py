@@ -45,9 +45,18 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def truncate_after(path: str, step: int) -> None:
-    """Drop logged rows past ``step`` (a resumed run rewrites them)."""
+    """Drop logged rows past ``step`` (a resumed run rewrites them), and a last line torn by a killed process."""
     if os.path.exists(path):
-        rows = [r for r in read_jsonl(path) if r["step"] <= step]
+        with open(path) as f:
+            lines = f.read().split("\n")
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.strip() and i < len(lines) - 1:  # only the last line can be half written
+                    raise
+        rows = [r for r in rows if r["step"] <= step]
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 

@@ -79,8 +79,9 @@ def validate_data(cfg: PipelineConfig) -> None:
 def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, stages=STAGES) -> dict:
     cfgs = {"pretrain": cfg.pretrain, "sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}
     for c in cfgs.values():
-        if cfg.device != "auto":
-            c.device = cfg.device
+        for key in ("device", "parallel", "mixed_precision"):
+            if getattr(cfg, key) != "auto":
+                setattr(c, key, getattr(cfg, key))
         c.seed += cfg.seed
     # chain the stages through <out>/<stage>/model.safetensors
     cfg.sft.init = os.path.join(out, "pretrain", "model.safetensors")

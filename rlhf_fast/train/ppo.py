@@ -29,7 +29,7 @@ from .config import PPOConfig
 from .data import builtin_prompts, corpus_tokens, left_pad, load_user_rows, shard, stream_batch
 from .model import generate, sequence_scores
 from .pretrain import lm_loss
-from .runtime import StageState, all_mean, barrier, load_model, model_meta, progress, setup, wrap_ddp
+from .runtime import StageState, all_mean, barrier, load_model, model_meta, progress, setup, unsharded, wrap
 
 
 class KLController:
@@ -108,8 +108,9 @@ def rollout(policy, ref, rm, critic, rows: list[dict], tok, cfg: PPOConfig, devi
     policy.eval()
     ids, pmask = left_pad([tok.encode(r["prompt"]) for r in rows], tok.pad_id)
     ids, pmask = ids.to(device), pmask.to(device)
-    resp, mask = generate(policy, ids, pmask, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature,
-                          gen if temperature > 0 else None)
+    with unsharded(policy):  # FSDP: gathered once, then the ranks may sample different lengths
+        resp, mask = generate(policy, ids, pmask, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature,
+                              gen if temperature > 0 else None)
     policy.train()
     seq, seq_mask, P = torch.cat([ids, resp], 1), torch.cat([pmask, mask], 1), ids.shape[1]
     r = Rollout(seq, seq_mask, P, mask, *(None,) * 6)
@@ -166,7 +167,9 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
         train_rows, eval_rows = builtin_prompts("train"), builtin_prompts("eval")
     ptx_data = corpus_tokens(cfg.pretrain_data, tok, T, cfg.seed) if cfg.ptx_coef else None
 
-    ddp_policy, ddp_critic = wrap_ddp(policy, d), wrap_ddp(critic, d)
+    # DDP / FSDP / as is; FSDP shards the frozen reference and reward model too (no optimizer state)
+    net_policy, net_critic = wrap(d, [policy, critic], frozen=[ref, rm], parallel=cfg.parallel,
+                                  mixed_precision=cfg.mixed_precision)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
@@ -203,11 +206,11 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
                 i = perm[s:s + mb].to(d.device)
                 sub = Rollout(r.seq[i], r.seq_mask[i], r.P, r.mask[i], r.logp[i], r.ref_logp[i], r.values[i],
                               r.score[i], r.true_reward[i], r.kl[i])
-                loss, pg_stats = policy_loss(ddp_policy, sub, adv[i], cfg)
+                loss, pg_stats = policy_loss(net_policy, sub, adv[i], cfg)
                 pg_loss, entropy = pg_stats["pg_loss"], pg_stats["entropy"]
                 if ptx_data is not None:  # PPO-ptx: keep the pretraining likelihood up
                     starts = torch.randint(len(ptx_data) - T - 1, (cfg.ptx_batch_size,), generator=data_gen)
-                    ptx_loss = lm_loss(ddp_policy, stream_batch(ptx_data, shard(starts, d.rank, d.world), T).to(d.device))
+                    ptx_loss = lm_loss(net_policy, stream_batch(ptx_data, shard(starts, d.rank, d.world), T).to(d.device))
                     loss = loss + cfg.ptx_coef * ptx_loss
                     stats["ptx_loss"] += ptx_loss.item()
                 opt.zero_grad(set_to_none=True)
@@ -215,7 +218,7 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 opt.step()
 
-                values = ddp_critic(sub.seq, sub.seq_mask)[:, r.P - 1:-1]
+                values = net_critic(sub.seq, sub.seq_mask)[:, r.P - 1:-1]
                 vf_loss, _ = rf.ppo_value_loss(values, sub.values, ret[i], sub.mask, clip=cfg.value_clip or None)
                 opt_critic.zero_grad(set_to_none=True)
                 vf_loss.backward()
@@ -245,9 +248,9 @@ def train(cfg: PPOConfig, out: str = "runs/ppo", resume: bool = False) -> dict:
              "train": evaluate(policy, ref, rm, train_rows, tok, cfg, d.device, eval_gen.manual_seed(cfg.seed + 2000), 2)}
     for split in ("eval", "train"):
         log.log(it, **{f"{split}_{k}": v for k, v in after[split].items()})
-    if d.main and it >= cfg.iterations:
-        checkpoint.save(os.path.join(out, "model.safetensors"), {"model": policy},
-                        meta=model_meta(policy, "ppo", {"step": it}))
+    if it >= cfg.iterations:  # every rank: FSDP gathers the full weights
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), policy,
+                              model_meta(policy, "ppo", {"step": it}))
     log.close()
     barrier(d)
     return {"stage": "ppo", "iterations": it, "before": before, "after": after, "history": history,

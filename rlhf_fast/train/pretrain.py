@@ -16,7 +16,7 @@ from . import checkpoint
 from .config import PretrainConfig
 from .data import CharTokenizer, corpus_tokens, shard, stream_batch
 from .model import Transformer
-from .runtime import StageState, adamw, all_mean, barrier, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
+from .runtime import StageState, adamw, all_mean, barrier, lr_at, model_meta, progress, set_lr, setup, wrap
 
 
 def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ def train(cfg: PretrainConfig, out: str = "runs/pretrain", resume: bool = False)
     val_windows = stream_batch(val_data, val_starts, T).to(d.device)
 
     model = Transformer(cfg.model, head="lm").to(d.device)
-    ddp = wrap_ddp(model, d)
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    (net,) = wrap(d, [model], parallel=cfg.parallel, mixed_precision=cfg.mixed_precision)  # DDP / FSDP / as is
+    opt = adamw(model, cfg.lr, cfg.weight_decay)  # after wrap: FSDP's parameters are the shards
     gen = torch.Generator().manual_seed(cfg.seed)  # the data order
     run = StageState(out, "pretrain", d, {"model": model}, {"opt": opt}, {"data": gen})
     step = run.restore(resume)["step"]
@@ -69,7 +69,7 @@ def train(cfg: PretrainConfig, out: str = "runs/pretrain", resume: bool = False)
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup))
         starts = torch.randint(len(train_data) - T - 1, (cfg.batch_size,), generator=gen)
         x = stream_batch(train_data, shard(starts, d.rank, d.world), T).to(d.device)
-        loss = lm_loss(ddp, x)
+        loss = lm_loss(net, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -87,9 +87,9 @@ def train(cfg: PretrainConfig, out: str = "runs/pretrain", resume: bool = False)
             run.save(step)
     bar.close()
     last_eval = eval_loss(model, val_windows)
-    if d.main and step >= cfg.steps:
-        checkpoint.save(os.path.join(out, "model.safetensors"), {"model": model},
-                        meta=model_meta(model, "pretrain", {"step": step}))
+    if step >= cfg.steps:  # every rank: FSDP gathers the full weights
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), model,
+                              model_meta(model, "pretrain", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "pretrain", "steps": step, "first_loss": first_loss, "last_loss": loss_val,

@@ -16,7 +16,7 @@ from . import checkpoint
 from .config import RewardConfig
 from .data import builtin_preferences, load_user_rows, pair_batch, shard
 from .model import sequence_scores
-from .runtime import StageState, adamw, all_mean, barrier, load_model, lr_at, model_meta, progress, set_lr, setup, wrap_ddp
+from .runtime import StageState, adamw, all_mean, barrier, load_model, lr_at, model_meta, progress, set_lr, setup, wrap
 
 
 def pair_scores(model, rows, tok, device):
@@ -49,8 +49,8 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     # does the preference generalise? pairs about countries no stage trained on (built-in task only)
     new_rows = [] if cfg.data else builtin_preferences("new_countries", cfg.seed)
     new_wrong = [] if cfg.data else builtin_preferences("new_countries_wrong", cfg.seed)
-    ddp = wrap_ddp(model, d)
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    (net,) = wrap(d, [model], parallel=cfg.parallel, mixed_precision=cfg.mixed_precision)  # DDP / FSDP / as is
+    opt = adamw(model, cfg.lr, cfg.weight_decay)  # after wrap: FSDP's parameters are the shards
     gen = torch.Generator().manual_seed(cfg.seed)
     run = StageState(out, "reward", d, {"model": model}, {"opt": opt}, {"data": gen})
     step = run.restore(resume)["step"]
@@ -64,7 +64,7 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     while step < end:
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup))
         pick = torch.randint(len(train_rows), (cfg.batch_size,), generator=gen)
-        sc, sr = pair_scores(ddp, [train_rows[i] for i in shard(pick, d.rank, d.world).tolist()], tok, d.device)
+        sc, sr = pair_scores(net, [train_rows[i] for i in shard(pick, d.rank, d.world).tolist()], tok, d.device)
         loss = rf.pairwise_reward_loss(sc, sr, margin)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,9 +88,9 @@ def train(cfg: RewardConfig, out: str = "runs/reward", resume: bool = False) -> 
     acc_wrong = pairwise_accuracy(model, new_wrong, tok, d.device) if new_wrong else None
     log.log(step, eval_acc=acc_after, **({"new_countries_acc": acc_new, "new_countries_wrong_acc": acc_wrong}
                                          if new_rows else {}))
-    if d.main and step >= cfg.steps:
-        checkpoint.save(os.path.join(out, "model.safetensors"), {"model": model},
-                        meta=model_meta(model, "reward", {"step": step}))
+    if step >= cfg.steps:  # every rank: FSDP gathers the full weights
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), model,
+                              model_meta(model, "reward", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "reward", "steps": step, "first_loss": first_loss, "last_loss": loss_val,

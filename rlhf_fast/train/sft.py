@@ -15,7 +15,7 @@ from . import checkpoint
 from .config import SFTConfig
 from .data import builtin_sft, load_user_rows, sft_batch, shard
 from .runtime import (StageState, adamw, all_mean, answer_accuracy, barrier, load_model, lr_at, model_meta, progress, set_lr,
-                      setup, wrap_ddp)
+                      setup, wrap)
 
 
 def sft_loss(model, batch, device) -> torch.Tensor:
@@ -34,8 +34,8 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
         train_rows, eval_rows = load_user_rows(cfg.data, "sft", tok, T, cfg.eval_frac, cfg.seed)
     else:
         train_rows, eval_rows = builtin_sft("train"), builtin_sft("eval")
-    ddp = wrap_ddp(model, d)
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    (net,) = wrap(d, [model], parallel=cfg.parallel, mixed_precision=cfg.mixed_precision)  # DDP / FSDP / as is
+    opt = adamw(model, cfg.lr, cfg.weight_decay)  # after wrap: FSDP's parameters are the shards
     gen = torch.Generator().manual_seed(cfg.seed)
     run = StageState(out, "sft", d, {"model": model}, {"opt": opt}, {"data": gen})
     step = run.restore(resume)["step"]
@@ -50,7 +50,7 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup))
         pick = torch.randint(len(train_rows), (cfg.batch_size,), generator=gen)
         batch = sft_batch([train_rows[i] for i in shard(pick, d.rank, d.world).tolist()], tok)
-        loss = sft_loss(ddp, batch, d.device)
+        loss = sft_loss(net, batch, d.device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -73,9 +73,9 @@ def train(cfg: SFTConfig, out: str = "runs/sft", resume: bool = False) -> dict:
     acc_after = answer_accuracy(model, eval_rows, tok, d.device)
     train_acc = answer_accuracy(model, train_rows, tok, d.device)
     log.log(step, eval_acc=acc_after, train_acc=train_acc)
-    if d.main and step >= cfg.steps:
-        checkpoint.save(os.path.join(out, "model.safetensors"), {"model": model},
-                        meta=model_meta(model, "sft", {"step": step}))
+    if step >= cfg.steps:  # every rank: FSDP gathers the full weights
+        checkpoint.save_model(os.path.join(out, "model.safetensors"), model,
+                              model_meta(model, "sft", {"step": step}))
     log.close()
     barrier(d)
     return {"stage": "sft", "steps": step, "first_loss": first_loss, "last_loss": loss_val,
