@@ -1,7 +1,11 @@
 """linear_ppo_loss: the PPO loss (KL and entropy terms) from the last hidden states and the lm_head.
 
 Compute-bound (the GEMMs), so records carry FLOPs: fwd 2·N·H·V for the logits, bwd 4·N·H·V for the
-gradients (the chunked backends run all three GEMMs in the forward and only scale in the backward).
+gradients (useful FLOPs: the chunked backends run the logits and grad_hidden GEMMs in the forward and
+recompute the logits per vocabulary slice for grad_weight in the backward, 8·N·H·V in all).
+
+``--grad-weight-designs``: where grad_weight is summed (``grad_weight_designs``), CPU, written to
+benchmarks/results/cpu/linear_ppo_loss_grad_weight.json.
 
 ``python -m benchmarks.bench_linear_ppo_loss`` also runs the issue-13 comparison, forward + backward:
 rf.linear_ppo_loss against rf.ppo_loss_from_logits on materialised logits (torch GEMM, the fused
@@ -321,6 +325,182 @@ def compare_loss_types(B=8, T=128, H=512, V=32000, reps=3, backend="cpu", device
     return result
 
 
+# ----------------------------------------------------------------------------- where grad_weight is summed
+def _accumulate_in_forward(inp, backend, chunk_size, acc_dtype):
+    """grad_weight summed over the row chunks in the forward (the op's GRAD_WEIGHT_IN_BACKWARD = False design,
+    written out here for the precision study only): per row chunk the logits GEMM, the fused pass,
+    grad_hidden = g @ W and grad_weight += g.T @ h into a [V, H] accumulator of ``acc_dtype`` (fp32; or the
+    weight's dtype: rounded at every chunk, as a half-precision addmm with beta = 1 rounds).
+    Returns (grad_hidden, grad_weight)."""
+    from rlhf_fast.ops import linear_ppo_loss as lpl
+    from rlhf_fast.ops.linear_logprobs import _chunk_logits, _mm
+
+    fused = {"cpu": lpl._cpu_pass, "triton": lpl._triton_pass}[backend]
+    h, w = inp["hidden"].detach(), inp["weight"].detach()
+    N, V = h.shape[0], w.shape[0]
+    acc = torch.float32
+    cfg = lpl._Config(1.0, 0.2, 0.28, 3.0, 0.05, "k3", 0.01, True)
+    from rlhf_fast import reference
+
+    scale = reference.agg_scale(inp["mask"], "token-mean", None, None, None).reshape(-1).to(acc).contiguous()
+    lab, m = inp["labels"], inp["mask"]
+    old, adv, ref = inp["old_logp"].float(), inp["advantages"].float(), inp["ref_logp"].float()
+    wg = w.to(acc)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(w.shape, dtype=acc_dtype)
+    C = chunk_size or lpl.default_chunk_rows(N, V)
+    for i in range(0, N, C):
+        j = min(N, i + C)
+        hc = h[i:j].to(acc)
+        logits = _chunk_logits(hc, wg, None, acc)
+        fused(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j], cfg)
+        grad_h[i:j] = _mm(logits, wg, acc)
+        if acc_dtype == acc:
+            grad_w.addmm_(logits.T, hc)
+        else:  # fp32 products, the running sum stored in the weight's dtype
+            grad_w.copy_(grad_w.to(acc).addmm_(logits.T, hc))
+        del logits
+    return grad_h, grad_w.to(w.dtype)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def grad_weight_designs(time_shape=dict(N=1024, H=512, V=151936), prec_shape=dict(N=2048, H=128, V=8192),
+                        n_chunks=43, reps=4, backend="cpu", out_dir=None):
+    """Where linear_ppo_loss sums grad_weight, measured on the CPU in one run:
+    * time and memory, forward + backward, fp32 (the issue-13 CPU shape): the shipped design (grad_weight in
+      the backward, per slice of vocabulary columns: 4 GEMMs) against the fp32 accumulator in the forward
+      (3 GEMMs, the old design, GRAD_WEIGHT_IN_BACKWARD = False) and ppo_loss_from_logits on materialised
+      logits, interleaved;
+    * precision of grad_weight against float64 for bf16 hidden and weight, with the row chunks of the
+      issue's shape (N=16384, V=151936: 43 chunks): fp32 accumulator, accumulator in the weight's dtype
+      (bf16), and the shipped design. Relative Frobenius error, and the error where the sum cancels most
+      (the 1% of entries smallest against Σ|terms|)."""
+    memory = Memory("cpu")
+    torch.manual_seed(0)
+    inp = make_inputs(time_shape, torch.float32, "cpu")
+    kept = {}
+
+    from rlhf_fast.ops import linear_ppo_loss as lpl
+
+    def run(name, in_backward):
+        saved = []
+        lpl.GRAD_WEIGHT_IN_BACKWARD = in_backward
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                loss, _ = rf.linear_ppo_loss(inp["hidden"], inp["weight"], inp["labels"], inp["old_logp"],
+                                             inp["advantages"], inp["mask"], **{**KW, "ref_logp": inp["ref_logp"]},
+                                             backend=backend)
+            ins = {t.untyped_storage().data_ptr() for t in inp.values()}
+            kept[name] = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in ins)
+            del saved
+            loss.backward()
+        finally:
+            lpl.GRAD_WEIGHT_IN_BACKWARD = True
+        return inp["hidden"].grad, inp["weight"].grad
+
+    def shipped():
+        return run("shipped", True)
+
+    def old():  # the op with GRAD_WEIGHT_IN_BACKWARD = False
+        return run("accumulate_fp32", False)
+
+    def clear():
+        inp["hidden"].grad = inp["weight"].grad = None
+
+    def materialised():
+        _materialised(inp, backend)
+        return inp["hidden"].grad, inp["weight"].grad
+
+    designs = {"shipped_recompute_in_backward": shipped, "accumulate_fp32_in_forward": old,
+               "materialised_logits": materialised}
+    runs = {k: {"_t": []} for k in designs}
+    for name, fn in designs.items():  # warm-up, so that neither pays the allocator's first growth
+        clear()
+        fn()
+    for name, fn in designs.items():
+        clear()
+        runs[name]["mem_peak_bytes"], runs[name]["mem_extra_bytes"] = memory.measure(fn)
+    grads = {}
+    for name, fn in designs.items():
+        clear()
+        grads[name] = [t.clone() for t in fn()]
+    for _ in range(reps):  # interleaved
+        for name, fn in designs.items():
+            clear()
+            t0 = time.perf_counter()
+            fn()
+            runs[name]["_t"].append((time.perf_counter() - t0) * 1e3)
+    for name, r in runs.items():
+        r["time_ms"] = quantiles(r.pop("_t"))
+    runs["shipped_recompute_in_backward"]["kept_for_backward_bytes"] = kept["shipped"]
+    runs["accumulate_fp32_in_forward"]["kept_for_backward_bytes"] = kept["accumulate_fp32"]
+    a, b = grads["shipped_recompute_in_backward"], grads["accumulate_fp32_in_forward"]
+    timing = {"shape": time_shape, "dtype": "float32", "backend": backend, "threads": torch.get_num_threads(),
+              "runs": runs, "memory_note": memory.note,
+              "time_ratio_shipped_over_old": runs["shipped_recompute_in_backward"]["time_ms"]["p50"]
+              / runs["accumulate_fp32_in_forward"]["time_ms"]["p50"],
+              "time_ratio_vs_materialised": {k: runs[k]["time_ms"]["p50"] / runs["materialised_logits"]["time_ms"]["p50"]
+                                             for k in ("shipped_recompute_in_backward", "accumulate_fp32_in_forward")},
+              "grad_rel_diff_between_designs": {"hidden": _rel(a[0], b[0]), "weight": _rel(a[1], b[1])}}
+    del inp, grads, a, b
+
+    # precision, bf16 hidden and weight
+    torch.manual_seed(1)
+    p = make_inputs(prec_shape, torch.bfloat16, "cpu")
+    C = -(-prec_shape["N"] // n_chunks)
+    h64, w64 = p["hidden"].detach().double().requires_grad_(), p["weight"].detach().double().requires_grad_()
+    from rlhf_fast import reference
+
+    loss64, _ = reference.linear_ppo_loss(h64, w64, p["labels"], p["old_logp"].double(), p["advantages"].double(),
+                                          p["mask"], None, p["ref_logp"].double(), 0.05, "k3", 0.01, 1.0, 0.2, 0.28,
+                                          3.0)
+    loss64.backward()
+    want = w64.grad
+    # Σ|terms| per entry: the scale the sum cancels from (|d logits|.T @ |h|), from the float64 logits gradient
+    with torch.no_grad():
+        z = (h64 @ w64.T).detach().requires_grad_()
+    with torch.enable_grad():
+        l2, _ = reference.ppo_loss_from_logits(z, p["labels"], p["old_logp"].double(), p["advantages"].double(),
+                                               p["mask"], p["ref_logp"].double(), 0.05, "k3", 0.01, 1.0, 0.2, 0.28,
+                                               3.0)
+        (gz,) = torch.autograd.grad(l2, z)
+    mag = gz.abs().T @ h64.detach().abs()
+    cancel = (want.abs() / mag.clamp_min(1e-300)).flatten()
+    worst = cancel.argsort()[: max(1, cancel.numel() // 100)]
+    results = {}
+    for name, fn in {
+        "accumulate_fp32_in_forward": lambda: _accumulate_in_forward(p, backend, C, torch.float32)[1],
+        "accumulate_in_weight_dtype_bf16": lambda: _accumulate_in_forward(p, backend, C, torch.bfloat16)[1],
+        "shipped_recompute_in_backward": None,
+    }.items():
+        if fn is None:
+            h, w = p["hidden"].detach().requires_grad_(), p["weight"].detach().requires_grad_()
+            loss, _ = rf.linear_ppo_loss(h, w, p["labels"], p["old_logp"], p["advantages"], p["mask"],
+                                         **{**KW, "ref_logp": p["ref_logp"]}, chunk_size=C, backend=backend)
+            loss.backward()
+            got = w.grad
+        else:
+            got = fn()
+        err = (got.double() - want).flatten()
+        results[name] = {"rel_frobenius": (err.norm() / want.norm()).item(),
+                         "rel_frobenius_most_cancelling_1pct": (err[worst].norm() / want.flatten()[worst].norm()).item(),
+                         "max_abs_over_max_abs": (err.abs().max() / want.abs().max()).item()}
+    one_rounding = (want.to(torch.bfloat16).double() - want).norm() / want.norm()
+    precision = {"shape": prec_shape, "dtype": "bfloat16 hidden and weight", "row_chunks": n_chunks,
+                 "chunk_rows": C, "backend": backend, "grad_weight_vs_float64": results,
+                 "one_bf16_rounding_of_the_float64_grad": one_rounding.item()}
+    result = {"meta": environment("cpu"), "what": grad_weight_designs.__doc__, "timing": timing,
+              "precision": precision}
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results", "cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "linear_ppo_loss_grad_weight.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 # the defaults of each mode: (N, H, V, dtype, reps, chunk sizes)
 DEFAULTS = {"cpu": dict(N=1024, H=512, V=151936, dtype="float32", reps=3, chunk_sizes=[None]),
             "cuda": dict(N=16384, H=4096, V=151936, dtype="bfloat16", reps=10, chunk_sizes=[None, 1024, 2048])}
@@ -368,6 +548,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    if argv is None:
+        import sys
+        argv = sys.argv[1:]
+    if "--grad-weight-designs" in argv:
+        r = grad_weight_designs()
+        print(json.dumps({k: r[k] for k in ("timing", "precision")}, indent=1))
+        return r
     a = parse_args(argv)
     if a.loss_types:
         r = compare_loss_types(8, a.N // 8, a.H, a.V, a.reps, backend=a.backend, device=a.device,

@@ -64,7 +64,11 @@ inline KlConfig parse_kl(std::string_view name, std::optional<double> clamp) {
 // out = estimator(d), d = logp - ref_logp; grad = d out / d logp (d out / d ref_logp = -grad).
 template <typename T>
 RLHF_HD void kl_token(T logp, T ref_logp, int est, bool plus, bool has_clamp, T clamp, T& out, T& grad) {
-  const T d = logp - ref_logp;
+  T d = logp - ref_logp;
+  // reference.kl: under a clamp k3 is evaluated at max(d, -K3_FLOOR) (exp's last finite argument, less 1):
+  // below it k3 > 1e38 is clamped anyway, and the clamp's zero gradient never meets an infinite one (0·inf)
+  const T k3_floor = sizeof(T) == sizeof(float) ? T(88) : T(709);
+  if (has_clamp && est == kK3 && d < -k3_floor) d = -k3_floor;
   T v, g;
   if (est == kK1) {
     v = d;

@@ -652,9 +652,10 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
     (e.g. torch.float32 for bf16 models); chunk_size: rows of logits per chunk (default adapts to N
     and V, at most N/8 rows). ``agg`` (every mode), ``num_tokens``, ``num_seqs``, ``weights`` [B, T]
     (or [N]) and ``loss_type`` as in ppo_loss_from_logits. Same value, gradients (hidden, weight, bias)
-    and stats as ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so
-    the loss can be backpropagated once. loss_type="gspo" costs one more GEMM and row pass per chunk
-    (each sequence's logp is needed before its gradients; docs/losses.md gives the measured cost).
+    and stats as ppo_loss_from_logits; the chunked backends compute grad hidden in the forward and grad
+    weight in the backward (per vocabulary slice, recomputing its logits: no [V, H] accumulator), so the
+    loss can be backpropagated once. loss_type="gspo" costs one more GEMM and row pass per chunk (each
+    sequence's logp is needed before its gradients; docs/losses.md gives the measured cost).
     Tensor parallel: ``process_group``, ``vocab_start``, ``reduce_hidden_grad`` as in ``linear_logprobs``
     (weight [V_r, H] this rank's lm_head rows). The rows' logp and entropy come from the chunked
     linear_logprobs (merged over the group), the per-token terms run on [B, T]: the backward recomputes

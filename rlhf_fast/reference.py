@@ -48,11 +48,15 @@ def logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=
 
     Ignored rows are left out of the softmax, so they get 0 and a zero gradient whatever their logits
     hold (NaN included); a NaN logit in any other row makes that row's logp, entropy and gradient NaN.
+    A label neither ``ignore_index`` nor in [0, V) (possible with the checks off) gives a NaN row too, and
+    nothing is read at it.
     """
     valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= logits.shape[-1]))
     z = torch.where(valid.unsqueeze(-1), _acc(logits) / temperature, 0.0)
+    z = torch.where(bad.unsqueeze(-1), z + float("nan"), z)  # z + NaN: the gradient row is NaN as well
     logp_all = torch.log_softmax(z, dim=-1)
-    safe = torch.where(valid, labels, 0).long()
+    safe = torch.where(valid & ~bad, labels, 0).long()
     logp = torch.where(valid, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
     if not return_entropy:
         return logp
@@ -72,11 +76,19 @@ def linear_logprobs(hidden, weight, labels, bias=None, temperature=1.0, ignore_i
 
 
 # ----------------------------------------------------------------------------- KL
+K3_FLOOR = {torch.float32: 88.0, torch.float64: 709.0}  # exp(x) finite for x <= these
+
+
 def kl(logp, ref_logp, estimator="k3", clamp=None):
     """Per-token KL(π‖π_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3)."""
     plus = estimator.endswith("+")
     name = estimator.rstrip("+")
     d = _acc(logp) - _acc(ref_logp)
+    if name == "k3" and clamp is not None:
+        # below -K3_FLOOR (exp's last finite argument, less 1) k3 > 1e38 is clamped anyway: evaluated there, so
+        # exp cannot overflow and the clamp's zero gradient is never 0·inf (verl / OpenRLHF bound it too)
+        lim = K3_FLOOR[d.dtype]
+        d = torch.where(d < -lim, -lim, d)
     if name == "k1":
         out = d
     elif name == "k2":

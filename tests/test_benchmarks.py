@@ -221,3 +221,20 @@ def test_trl_step_bench_skips_without_trl(monkeypatch, capsys, tmp_path):
     assert T.main(["--device", "cpu", "--kinds", "step", "--out", str(tmp_path)]) == 0
     assert "skipped: trl not installed" in capsys.readouterr().out
     assert not os.listdir(tmp_path)
+
+
+def test_linear_ppo_loss_grad_weight_designs_tiny(tmp_path):
+    """bench_linear_ppo_loss --grad-weight-designs at a tiny size: the JSON, both designs' gradients agree, the
+    shipped one keeps less for the backward and is as precise as the fp32 accumulator."""
+    from benchmarks import bench_linear_ppo_loss as B
+
+    r = B.grad_weight_designs(time_shape=dict(N=64, H=16, V=300), prec_shape=dict(N=64, H=16, V=300), n_chunks=8,
+                              reps=1, out_dir=str(tmp_path))
+    on_disk = json.loads((tmp_path / "linear_ppo_loss_grad_weight.json").read_text())
+    assert on_disk["timing"]["time_ratio_shipped_over_old"] == r["timing"]["time_ratio_shipped_over_old"]
+    runs = r["timing"]["runs"]
+    assert runs["shipped_recompute_in_backward"]["kept_for_backward_bytes"] < \
+        runs["accumulate_fp32_in_forward"]["kept_for_backward_bytes"]
+    assert max(r["timing"]["grad_rel_diff_between_designs"].values()) < 1e-5
+    p = r["precision"]["grad_weight_vs_float64"]
+    assert p["shipped_recompute_in_backward"]["rel_frobenius"] <= 1.01 * p["accumulate_fp32_in_forward"]["rel_frobenius"]

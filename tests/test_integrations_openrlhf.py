@@ -323,3 +323,19 @@ def test_gae_and_cumulative_returns():
     assert_rel(adv, exp_adv, 2e-6, "advantages")
     assert_rel(ret, exp_ret, 2e-6, "returns")
     assert_rel(rf_orl.get_cumulative_returns(None, rewards, mask, 0.97), exp_cum, 2e-6, "cumulative returns")
+
+
+@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+def test_compute_approx_kl_extreme_log_ratios(patched, est):
+    # logp - base below -88: exp overflows fp32 before the ±10 bound (issue 20): finite, as OpenRLHF's own
+    d = torch.tensor([0.3, -2.7, -30.0, -89.0, -100.0, -720.0, -1e6, 30.0, 1e6])
+    base = torch.full_like(d, -2.0)
+    res = []
+    for fn in (U.compute_approx_kl, ORIG["compute_approx_kl"]):
+        a = (base + d).requires_grad_()
+        out = fn(a, base, kl_estimator=est)
+        out.sum().backward()
+        res.append((out, a.grad))
+    assert res[1][1].isfinite().all() and res[0][1].isfinite().all(), (res[0][1], res[1][1])
+    assert_rel(res[0][0], res[1][0], 1e-6, f"{est} value")
+    assert_rel(res[0][1], res[1][1], 1e-6, f"{est} grad")

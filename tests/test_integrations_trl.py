@@ -199,3 +199,36 @@ def test_grpo_trainer_same_losses_patched_and_unpatched(tmp_path):
         assert set(a) == set(b) and {"loss", "grad_norm", "entropy"} <= set(a), a
         for k in a:  # the losses within 1e-6, and the O(1) grad norm / entropy to 1e-5 relative
             assert abs(a[k] - b[k]) <= (1e-6 if k in ("loss", "kl") else 1e-5 * abs(b[k])), (k, a, b)
+
+
+def test_chunked_logprob_under_autocast_uses_the_tensors_the_forward_used(patched):
+    # issue 20: under autocast the forward ran on the bf16-cast hidden, the backward built grad_weight from the
+    # fp32 one; two hidden states equal after the cast must give equal values AND equal gradients, as TRL's own
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 12, 16, 97
+    h1 = torch.randn(N, H, generator=g).bfloat16().float()
+    h2 = h1 * (1 + 2.0**-11)  # the same bf16 values (under half a bf16 ulp away), other fp32 ones
+    assert torch.equal(h1.bfloat16(), h2.bfloat16()) and not torch.equal(h1, h2)
+    w = torch.randn(V, H, generator=g) / 4
+    b = torch.randn(V, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    outs = []
+    for fn in (rf_trl.ChunkedLogProbFunction, ORIG["_ChunkedLogProbFunction"]):
+        for h in (h1, h2):
+            hh, ww, bb = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lp, ent, *_ = fn.apply(hh, ww, bb, y, 0.8, 32, None, 1.0, ("log_probs", "entropy"))
+            (lp.sum() + 0.5 * ent.sum()).backward()
+            outs.append([lp.detach(), ent.detach(), hh.grad, ww.grad, bb.grad])
+    rf1, rf2, trl1, trl2 = outs
+    # float64 on the tensors the forward uses: the bf16 casts of hidden, weight and bias
+    leaves = [t.bfloat16().double().requires_grad_() for t in (h1, w, b)]
+    lp64, ent64 = ref.linear_logprobs(*leaves[:2], y, leaves[2], temperature=0.8, return_entropy=True)
+    (lp64.sum() + 0.5 * ent64.sum()).backward()
+    want = [lp64, ent64] + [t.grad for t in leaves]
+    for i, name in enumerate(("logp", "entropy", "grad hidden", "grad weight", "grad bias")):
+        assert torch.equal(trl1[i], trl2[i]), f"TRL itself: {name}"  # the property, on TRL's own function
+        assert torch.equal(rf1[i], rf2[i]), f"rf: {name} differs for inputs equal after the autocast cast"
+        assert rf1[i].dtype == trl1[i].dtype, name
+        # gradients come back through the cast: rounded once to bf16 (torch's autocast does the same)
+        assert_rel(rf1[i], want[i], 1e-5 if i < 2 else 1e-2, f"rf under autocast vs float64 of the cast inputs: {name}")

@@ -52,14 +52,23 @@ class ChunkedLogProbFunction:
                                   logit_scale, outputs)
         calls["chunked_logprob"] += 1
         want_entropy = "entropy" in outputs
-        if final_logit_softcapping is None and logit_scale > 0:
-            out = F.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature / logit_scale,
-                                    return_entropy=want_entropy)
-        else:  # softcap (Gemma) or a non-positive scale: form the logits, then the rf row kernels
-            z = (hidden.float() @ weight.float().T + (0 if bias is None else bias.float())) * logit_scale
-            if final_logit_softcapping is not None:
-                z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
-            out = F.logprobs(z, targets, temperature=temperature, return_entropy=want_entropy)
+        # under autocast TRL runs the head in the autocast dtype: cast here (differentiably, so the gradients
+        # reach the inputs in their own dtypes) and run rf with autocast off, so that the forward and the
+        # backward both see exactly these tensors
+        dev = hidden.device.type
+        if torch.is_autocast_enabled(dev):
+            cd = torch.get_autocast_dtype(dev)
+            hidden, weight = hidden.to(cd), weight.to(cd)
+            bias = None if bias is None else bias.to(cd)
+        with torch.autocast(dev, enabled=False):
+            if final_logit_softcapping is None and logit_scale > 0:
+                out = F.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature / logit_scale,
+                                        return_entropy=want_entropy)
+            else:  # softcap (Gemma) or a non-positive scale: form the logits, then the rf row kernels
+                z = (hidden.float() @ weight.float().T + (0 if bias is None else bias.float())) * logit_scale
+                if final_logit_softcapping is not None:
+                    z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+                out = F.logprobs(z, targets, temperature=temperature, return_entropy=want_entropy)
         logp, ent = out if want_entropy else (out, None)
         return logp, ent, None, None, None
 

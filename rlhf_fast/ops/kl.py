@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from ..reference import K3_FLOOR
 
 _EST = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 BLOCK = 1024
@@ -69,12 +70,15 @@ def kl_elem(d, EST: tl.constexpr, PLUS: tl.constexpr, NTERMS: tl.constexpr):
 @triton.jit
 def _kl_fwd_kernel(lp_ptr, ref_ptr, out_ptr, grad_ptr, N, clamp: "fp64",
                    EST: tl.constexpr, PLUS: tl.constexpr, HAS_CLAMP: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                   ACC: tl.constexpr, NTERMS: tl.constexpr, BLOCK: tl.constexpr):
+                   K3_FLOOR: tl.constexpr, ACC: tl.constexpr, NTERMS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     lp = tl.load(lp_ptr + offs, mask=inb, other=0).to(ACC)
     rf = tl.load(ref_ptr + offs, mask=inb, other=0).to(ACC)
-    out, grad = kl_elem(lp - rf, EST, PLUS, NTERMS)
+    d = lp - rf
+    if HAS_CLAMP and EST == 2:  # reference.kl: k3 under a clamp at max(d, -K3_FLOOR), no exp overflow
+        d = tl.where(d < -K3_FLOOR, -K3_FLOOR, d)
+    out, grad = kl_elem(d, EST, PLUS, NTERMS)
     if HAS_CLAMP:
         out, d_clip = clip_elem(out, -tl.full([], clamp, ACC), tl.full([], clamp, ACC))
         grad = grad * d_clip
@@ -105,7 +109,7 @@ class KLFunction(torch.autograd.Function):
             with _backend.device_guard(lp.device):
                 _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](
                     lp, rf, out, grad, N, float(clamp) if clamp is not None else 0.0,
-                    EST=est, PLUS=plus, HAS_CLAMP=clamp is not None, WRITE_GRAD=write_grad,
+                    EST=est, PLUS=plus, HAS_CLAMP=clamp is not None, WRITE_GRAD=write_grad, K3_FLOOR=K3_FLOOR[dt],
                     ACC=acc, NTERMS=nterms, BLOCK=BLOCK)
         if write_grad:
             ctx.save_for_backward(grad)

@@ -1,18 +1,34 @@
 """linear_ppo_loss: the PPO loss of ppo_loss_from_logits(hidden @ weight.T + bias, ...) without the
-[N, V] logits, in row chunks, with 3 GEMMs per chunk and no recompute.
+[N, V] logits: row chunks in the forward, vocabulary slices for grad_weight in the backward.
 
 The loss is Σ_t w_t·(pg_t - entropy_coef·H_t + kl_coef·kl_t) with per-token aggregation weights
 w_t = mask_t·scale_t known from the mask before any logit exists (``reference.agg_scale``), so each chunk's
-contribution and its gradient are final when the chunk is done. Per chunk of rows:
+contribution and its gradient are final when the chunk is done. Forward, per chunk of rows:
   1. logits_c = hidden_c @ weight.T (+ bias)                    GEMM, [rows, V] in fp32 (fp64)
   2. the fused ppo_loss_from_logits pass on logits_c with the weights of the whole batch: one read
      for the row statistics and the per-token terms, then the in-place backward turns logits_c into
      d loss / d logits_c (one read + one write, no second [rows, V] buffer)
-  3. grad_hidden_c = g_c @ weight, grad_weight += g_c.T @ hidden_c  GEMMs (grad_bias += Σ_rows g_c)
-The loss is a scalar, so the backward only scales the saved gradients by the upstream gradient (in
-place: a second backward through the same graph is an error). At most one chunk of logits is alive;
-the forward keeps grad_hidden and grad_weight (an fp32 [V, H] accumulator while it runs, for half
-weights) until the backward.
+  3. grad_hidden_c = g_c @ weight                               GEMM (grad_bias += Σ_rows g_c)
+and the row state (logsumexp, entropy, d loss / d logp and d loss / d entropy per row: O(N)) is kept.
+Backward: grad_hidden and grad_bias are scaled by the upstream gradient (in place: a second backward
+through the same graph is an error); grad_weight (``_grad_weight``), per slice of vocabulary columns:
+  4. logits_s = hidden @ weight[slice].T                        GEMM, [N, cols] (recomputed)
+  5. d loss / d logits_s from the row state, in place (the same row backward kernels)
+  6. grad_weight[slice] = g_s.T @ hidden                        GEMM over all N rows, rounded once
+Why grad_weight in the backward, at one more GEMM (4 instead of 3 when the weight is trained; 2 when it
+is frozen, as before): summing it over row chunks needs a [V, H] accumulator kept from the forward to the
+backward, 2.49 GB in fp32 at N=16384, H=4096, V=151936 (plus the weight-dtype copy returned); summing it
+in the weight's dtype instead rounds at every chunk, and where the sum over tokens cancels (zero-mean
+advantages) that error is of the order of the result. Measured on the CPU (benchmarks/bench_linear_ppo_loss.py
+``--grad-weight-designs``, results/cpu/linear_ppo_loss_grad_weight.json): forward + backward takes 1.41x
+the time of the fp32-accumulator design at the issue-13 CPU shape (N=1024, H=512, V=151936 fp32, median of
+4 interleaved runs; 4/3 in GEMM FLOPs), 1.57x that of materialised logits (the accumulator design: 1.12x),
+and keeps 2.1 MB instead of 313 MB from the forward to the backward; for bf16
+weights with 43 row chunks its grad_weight is as close to float64 as the fp32 accumulator (one bf16
+rounding, 1.6e-3 relative), where a bf16 accumulator gives 2.5e-3 overall and 0.56 on the 1% of entries
+whose sum cancels most. Beyond what a plain autograd backward
+needs (grad_hidden, grad_weight), the forward keeps O(N·H) (grad_hidden) and O(N) and the backward
+allocates one chunk of logits (``vocab_chunk_cols``) at a time.
 
 Fused passes: "triton" runs the kernels of ops/ppo_loss_from_logits.py (the per-token scale is the
 kernel's row scale with rows of length 1); "cpu" runs torch.ops.rlhf_fast.ppo_from_logits_fwd, whose
@@ -96,7 +112,17 @@ def _triton_pass(x, lab, old, adv, m, scale, ref, c: _Config):
                            ACC=acc, NTERMS=nterms)
             one = torch.ones(1, dtype=dt, device=x.device)
             _fl.launch_bwd(x3, lab, grads, one, x3, c.inv_t, row_acc)
-    return stats.sum(0)[:6], grads[:, 4:7]
+    return stats.sum(0)[:6], grads[:, 4:7], grads  # grads: the row state of _triton_slice_bwd
+
+
+def _triton_slice_bwd(x, lab, state, G, c: _Config):
+    """d loss / d x into x (in place) for logits x [N, W] of some W vocabulary columns, labels lab [N] in that
+    window, the row state of _triton_pass (lse and the per-token coefficients of the whole row) times G."""
+    if x.shape[0]:
+        row_acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        with _backend.device_guard(x.device):
+            x3 = x.unsqueeze(0)
+            _fl.launch_bwd(x3, lab, state, G.reshape(1).to(state.dtype), x3, c.inv_t, row_acc)
 
 
 def _runs(scale):
@@ -131,7 +157,59 @@ def _cpu_pass(x, lab, old, adv, m, scale, ref, c: _Config):
         ent[a:b] = saved[:, 4]
     if N:
         torch.ops.rlhf_fast.logprobs_bwd_(x, g_lp, g_ent, lab, lse, ent, c.inv_t, -100)
-    return sums, d_tok
+    return sums, d_tok, torch.stack([g_lp, g_ent, lse, ent], 1)  # the row state of _rows_slice_bwd
+
+
+# False: the 3-GEMM design instead, grad_weight summed over the row chunks in the forward into an fp32 [V, H]
+# accumulator kept until the backward (faster by one GEMM per row of logits, 2·V·H·4 bytes more at the peak
+# for half weights; see the module docstring). A setting for measurements and for runs with memory to spare.
+GRAD_WEIGHT_IN_BACKWARD = True
+SPARE = 4  # vocabulary columns beside a slice, where the rows whose label is elsewhere put their one-hot
+
+
+def vocab_chunk_cols(n_rows: int, hidden: int, vocab: int, chunk_rows: int) -> int:
+    """Vocabulary columns per slice of the backward: [N, cols + SPARE] logits and a [cols, H] grad_weight slice
+    each within one row chunk's [chunk_rows, V] elements, a multiple of ROW_MULTIPLE where that leaves one."""
+    cols = min(vocab, max(1, chunk_rows * vocab // max(n_rows, hidden, 1) - SPARE))
+    if cols >= ROW_MULTIPLE and cols < vocab:
+        cols -= cols % ROW_MULTIPLE
+    return cols
+
+
+def _grad_weight(hidden, weight, bias, lab, state, G, slice_bwd, c: _Config, gd, acc, C):
+    """grad_weight [V, H] (weight's dtype) of the loss, G times: per slice of vocabulary columns, recompute the
+    slice's logits for all N rows (one GEMM), turn them into d loss / d logits with the forward's row state
+    (logsumexp and per-token coefficients of the whole row), and grad_weight[slice] = g.T @ hidden (one GEMM,
+    the whole sum over the N rows in it, rounded once): no [V, H] accumulator.
+    The row kernels want each row's label inside the row: the logits are those of a window of the slice and
+    SPARE other columns, and a row whose label lies outside the slice points at a spare column (its one-hot
+    lands there and is dropped; the slice's columns get exactly -p·(...) terms)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    cols = vocab_chunk_cols(N, hidden.shape[1], V, C)
+    h = hidden.to(gd)
+    b = None if bias is None else bias.to(acc)
+    grad_w = torch.empty_like(weight)
+    valid = (lab >= 0) & (lab < V)
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        width = V if v1 - v0 == V else min(V, v1 - v0 + SPARE)
+        a = v0 if v0 + width <= V else V - width  # the window [a, a + width) holds [v0, v1)
+        spare = v1 - a if v1 < a + width else 0  # a column of the window outside the slice
+        inside = (lab >= v0) & (lab < v1)
+        lab_w = torch.where(inside, lab - a, torch.where(valid, spare, torch.where(lab == -100, -100, -1)))
+        x = _chunk_logits(h, weight[a:a + width].to(gd), None if b is None else b[a:a + width], acc)
+        slice_bwd(x, lab_w, state, G, c)  # x now holds G · d loss / d logits
+        g = x[:, v0 - a:v1 - a].to(gd)
+        del x
+        grad_w[v0:v1] = _mm(g.T, h, acc)
+        del g
+    return grad_w
+
+
+class _Passes(NamedTuple):
+    pass_: object      # the fused forward pass over a chunk of rows (_triton_pass, _cpu_pass)
+    slice_bwd: object  # d loss / d logits of a window of vocabulary columns, from pass_'s row state
+    rows: object       # the row kernels (_Rows) of the general path (weights, gspo, cispo)
 
 
 # The row pass of the general path: fwd (logits, labels, inv_t, ignore_index) -> logp, entropy, lse;
@@ -170,7 +248,18 @@ def _general_pass(rows, x, lab, old, adv, m, scale, pol_scale, ref, seq_lr, c: _
         rows.bwd_(x, g_lp.to(lse.dtype), g_h.to(lse.dtype), lab, lse, ent, c.inv_t, -100)
     sums = torch.stack([pol, ent_sum, kl_sum.to(dt), (m.to(dt) * clipped).sum(), (m.to(dt) * neg_lr).sum(),
                         (m.to(dt) * dual).sum()]).detach()
-    return sums, torch.stack([g_o, g_a, g_r], 1)
+    state = torch.stack([g_lp.to(lse.dtype), g_h.to(lse.dtype), lse, ent.to(lse.dtype)], 1)  # of _rows_slice_bwd
+    return sums, torch.stack([g_o, g_a, g_r], 1), state
+
+
+def _rows_slice_bwd(rows):
+    """The slice backward of the general path: the row kernels' backward with the row state of _general_pass."""
+    def slice_bwd(x, lab, state, G, c: _Config):
+        if x.shape[0]:
+            g = G.to(state.dtype)
+            rows.bwd_(x, (state[:, 0] * g).contiguous(), (state[:, 1] * g).contiguous(), lab,
+                      state[:, 2].contiguous(), state[:, 3].contiguous(), c.inv_t, -100)
+    return slice_bwd
 
 
 def _seq_log_ratio(rows, hidden, w, b, acc, gd, lab, old, mask, cu_seqlens, C, inv_t):
@@ -191,6 +280,14 @@ class LinearPPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, scale, cu_seqlens,
                 head_dtype, passes, chunk_rows, grad_enabled, weights):
+        with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs the backward recomputes, alike
+            return LinearPPOLossFunction._forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask,
+                                                  ref_logp, cfg, scale, cu_seqlens, head_dtype, passes, chunk_rows,
+                                                  grad_enabled, weights)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg, scale, cu_seqlens,
+                 head_dtype, passes, chunk_rows, grad_enabled, weights):
         fp64 = torch.float64 in (hidden.dtype, weight.dtype, head_dtype)
         acc = torch.float64 if fp64 else torch.float32  # of the logits
         dt = torch.float64 if fp64 else acc_dtypes(old_logp, advantages, ref_logp)[0]  # of the per-token math
@@ -198,6 +295,8 @@ class LinearPPOLossFunction(torch.autograd.Function):
         C = chunk_rows or default_chunk_rows(N, V, acc)
         # the gradients cost two of the three GEMMs: none under no_grad
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        acc_w = need_w and not GRAD_WEIGHT_IN_BACKWARD  # the 3-GEMM design: a [V, H] accumulator
+        need_w = need_w and GRAD_WEIGHT_IN_BACKWARD
         need_tok = [grad_enabled and ctx.needs_input_grad[i] for i in (4, 5, 7)]
         # the per-token aggregation scale (reference.agg_scale), Σ mask for the token-mean statistics
         scale = scale.reshape(-1).to(dt).contiguous()
@@ -213,11 +312,12 @@ class LinearPPOLossFunction(torch.autograd.Function):
         w = weight.to(gd)
         b = None if bias is None else bias.to(acc)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        state = None  # the passes' row state, kept for grad_weight (computed in the backward: _grad_weight)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if acc_w else None
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         d_tok = torch.empty(N, 3, dtype=dt, device=hidden.device) if any(need_tok) else None
-        fused, rows = passes
         general = weights is not None or cfg.loss_type != "ppo"
+        rows = passes.rows
         seq_lr = None
         if cfg.loss_type == "gspo":
             seq_lr = _seq_log_ratio(rows, hidden, w, b, acc, gd, lab, old, mask, cu_seqlens, C, cfg.inv_t)
@@ -227,12 +327,17 @@ class LinearPPOLossFunction(torch.autograd.Function):
             h = hidden[i:j].to(gd)
             logits = _chunk_logits(h, w, b, acc)
             if general:
-                sums, dt_c = _general_pass(rows, logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j],
-                                           None if pol_scale is None else pol_scale[i:j], ref[i:j],
-                                           None if seq_lr is None else seq_lr[i:j], cfg)
+                sums, dt_c, st_c = _general_pass(passes.rows, logits, lab[i:j], old[i:j], adv[i:j], m[i:j],
+                                                 scale[i:j], None if pol_scale is None else pol_scale[i:j], ref[i:j],
+                                                 None if seq_lr is None else seq_lr[i:j], cfg)
             else:
-                sums, dt_c = fused(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j], cfg)
+                sums, dt_c, st_c = passes.pass_(logits, lab[i:j], old[i:j], adv[i:j], m[i:j], scale[i:j], ref[i:j],
+                                                cfg)
             parts.append(sums)
+            if need_w:
+                if state is None:
+                    state = torch.empty(N, st_c.shape[1], dtype=st_c.dtype, device=st_c.device)
+                state[i:j] = st_c
             if d_tok is not None:
                 d_tok[i:j] = dt_c
             g = logits  # (the fused pass wrote d loss / d logits into it)
@@ -242,7 +347,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
             g = g.to(gd)
             if need_h:
                 grad_h[i:j] = _mm(g, w, acc)
-            if need_w:
+            if acc_w:
                 if g.dtype == acc:
                     grad_w.addmm_(g.T, h)
                 else:
@@ -257,9 +362,17 @@ class LinearPPOLossFunction(torch.autograd.Function):
         if cfg.kl_coef:
             loss = loss + cfg.kl_coef * kl
         out = [pg_loss, sums[3] / tot, sums[4] / tot, sums[5] / tot, ent, kl]
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b, d_tok)
+        del w
+        if need_w:
+            ctx.save_for_backward(grad_h, grad_b, d_tok, hidden, weight, bias, lab, state)
+        elif acc_w:
+            ctx.save_for_backward(grad_h, grad_b, d_tok, grad_w.to(weight.dtype))
+        else:
+            ctx.save_for_backward(grad_h, grad_b, d_tok)
+        # the general path's row state is the logprobs kernels' (g_logp, g_entropy, lse, entropy)
+        ctx.slice_bwd = _rows_slice_bwd(rows) if general else passes.slice_bwd
+        ctx.need_w, ctx.cfg, ctx.gd, ctx.acc, ctx.C = need_w, cfg, gd, acc, C
         ctx.tok_meta = [(t.shape, t.dtype) if t is not None else None for t in (old_logp, advantages, ref_logp)]
         ctx.used = False
         ctx.mark_non_differentiable(*out)
@@ -271,8 +384,15 @@ class LinearPPOLossFunction(torch.autograd.Function):
             raise RuntimeError("linear_ppo_loss: its backward scales the gradients saved by the forward in place "
                                "and runs once; recompute the loss to differentiate it again")
         ctx.used = True
-        grad_h, grad_w, grad_b, d_tok = ctx.saved_tensors
-        grads = [g.mul_(G.to(g.dtype)) if g is not None else None for g in (grad_h, grad_w, grad_b)]
+        grad_h, grad_b, d_tok, *kept = ctx.saved_tensors
+        grad_w = None
+        if ctx.need_w:
+            with torch.autocast(G.device.type, enabled=False):
+                grad_w = _grad_weight(*kept, G, ctx.slice_bwd, ctx.cfg, ctx.gd, ctx.acc, ctx.C)
+        elif kept:  # summed in the forward (GRAD_WEIGHT_IN_BACKWARD = False)
+            grad_w = kept[0].mul_(G.to(kept[0].dtype))
+        grads = [g.mul_(G.to(g.dtype)) if g is not None else None for g in (grad_h, grad_b)]
+        grads.insert(1, grad_w)
         tok = [None, None, None]
         for c, (i, meta) in enumerate(zip((4, 5, 7), ctx.tok_meta)):
             if ctx.needs_input_grad[i] and meta is not None and d_tok is not None:
@@ -280,7 +400,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         return (*grads, None, tok[0], tok[1], None, tok[2], *([None] * 8))
 
 
-def _implementation(fused, rows: _Rows, backend: str):
+def _implementation(passes: "_Passes", backend: str):
     def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, kl_coef=0.0,
                         kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                         dual_clip=None, agg="token-mean", head_dtype=None, *, cu_seqlens=None, chunk_size=None,
@@ -294,7 +414,7 @@ def _implementation(fused, rows: _Rows, backend: str):
         scale = reference.agg_scale(mask, agg, num_tokens, num_seqs, cu_seqlens)
         loss, pg_loss, clipfrac, approx_kl, dual_frac, ent, k = LinearPPOLossFunction.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, old_logp, advantages, mask, ref_logp, cfg,
-            scale, cu_seqlens, head_dtype, (fused, rows), chunk_size, torch.is_grad_enabled(), weights)
+            scale, cu_seqlens, head_dtype, passes, chunk_size, torch.is_grad_enabled(), weights)
         stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "dual_clipfrac": dual_frac, "pg_loss": pg_loss,
                  "entropy": ent}
         if has_ref:
@@ -307,8 +427,8 @@ def _implementation(fused, rows: _Rows, backend: str):
     return linear_ppo_loss
 
 
-linear_ppo_loss_triton = _implementation(_triton_pass, _TRITON_ROWS, "triton")
+linear_ppo_loss_triton = _implementation(_Passes(_triton_pass, _triton_slice_bwd, _TRITON_ROWS), "triton")
 _backend.register("linear_ppo_loss", "triton")(linear_ppo_loss_triton)
 if _compiled.LOADED:
-    linear_ppo_loss_cpu = _implementation(_cpu_pass, _CPU_ROWS, "cpu")
+    linear_ppo_loss_cpu = _implementation(_Passes(_cpu_pass, _rows_slice_bwd(_CPU_ROWS), _CPU_ROWS), "cpu")
     _backend.register("linear_ppo_loss", "cpu")(linear_ppo_loss_cpu)
