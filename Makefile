@@ -18,7 +18,7 @@ export CUDA_HOME
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77"
 
 $(VENV)/.deps: $(BIN)/activate
 	$(BIN)/pip install -q "$(TORCH)" "numpy<2.4" tqdm safetensors matplotlib tensorboard pytest pytest-benchmark ninja pybind11 transformers
