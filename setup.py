@@ -34,6 +34,8 @@ class BuildPyWithSources(build_py):
     """Install csrc/ in the package as rlhf_fast/_csrc: the first-use build compiles from it."""
 
     def run(self):
+        for stale in glob.glob(os.path.join(self.build_lib, "rlhf_fast", "_C*.so")):
+            os.remove(stale)  # an earlier in-tree build's: build_ext writes a fresh one when it builds
         super().run()
         dst = os.path.join(self.build_lib, "rlhf_fast", "_csrc")
         os.makedirs(dst, exist_ok=True)
