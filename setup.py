@@ -57,7 +57,9 @@ def _extensions():
         print("rlhf_fast: torch does not import at build time (pip's isolated build): the C++ extension will be "
               "built on first use")
         return [], {}
-    cuda = _build.with_cuda(torch)  # sets CUDA_HOME before cpp_extension is imported: it reads it then
+    cuda = _build.with_cuda(torch)
+    if cuda:
+        os.environ["CUDA_HOME"] = _build.find_cuda_home()  # before cpp_extension is imported: it reads it then
     from torch.utils import cpp_extension as ce
 
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
@@ -84,6 +86,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=find_packages(exclude=("csrc", "tests", "tests.*", "benchmarks", "benchmarks.*")),
     package_data={"rlhf_fast.train": ["data/*"]},
+    include_package_data=False,  # package_data is the whole list (csrc goes in by BuildPyWithSources)
     ext_modules=ext_modules,
     cmdclass={**cmdclass, "build_py": BuildPyWithSources},
 )

@@ -79,17 +79,15 @@ def source_hash(csrc: str) -> str:
 def find_cuda_home() -> str | None:
     """CUDA_HOME / CUDA_PATH, else the first toolkit that has the runtime header: nvcc's grandparent or
     /usr/local/cuda. (torch guesses nvcc's grandparent, wrong when nvcc is a wrapper or link in
-    /usr/local/bin: then cudart does not link.) Sets CUDA_HOME, which cpp_extension reads on import."""
+    /usr/local/bin: then cudart does not link.) A build sets CUDA_HOME to it before cpp_extension is
+    imported (it reads it then)."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         return home
     nvcc = shutil.which("nvcc")
     guesses = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
     found = [g for g in guesses if os.path.exists(os.path.join(g, "include", "cuda_runtime.h"))]
-    if found:
-        os.environ["CUDA_HOME"] = found[0]
-        return found[0]
-    return None
+    return found[0] if found else None
 
 
 def with_cuda(torch) -> bool:
@@ -104,13 +102,26 @@ def with_cuda(torch) -> bool:
     return ok and mode not in ("0", "false", "skip")
 
 
-def cuda_arch_list(torch) -> str:
-    """TORCH_CUDA_ARCH_LIST, else the visible GPUs' compute capabilities, else DEFAULT_ARCH."""
+def arch_key() -> str:
+    """The CUDA architectures as the cache knows them: TORCH_CUDA_ARCH_LIST, or "native" (the GPUs of the
+    machine that built it; set TORCH_CUDA_ARCH_LIST where one cache serves machines with other GPUs)."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or "native"
+
+
+def build_archs() -> str:
+    """TORCH_CUDA_ARCH_LIST, else the visible GPUs' compute capabilities (asked in a child process: the
+    importing process must not initialise CUDA, or a later fork could not use it), else DEFAULT_ARCH."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not archs and torch.cuda.is_available():
-        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
-                                 for i in range(torch.cuda.device_count())}))
-    return archs or DEFAULT_ARCH
+    if archs:
+        return archs
+    code = ("import torch\nif torch.cuda.is_available():\n    print(';'.join(sorted({'%d.%d' % "
+            "torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})))")
+    import subprocess
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or DEFAULT_ARCH
 
 
 def stamp(torch_version: str, cuda: bool, src: str) -> str:
@@ -149,8 +160,9 @@ def cache_root() -> str:
 
 
 def cache_key(torch_version: str, cuda: bool, archs: str, src: str) -> str:
+    """The cache folder's name; ``archs``: arch_key() (CUDA builds only)."""
     py = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    dev = f"cuda{re.sub(r'[^0-9.+]', '_', archs)}" if cuda else "cpu"
+    dev = f"cuda{re.sub(r'[^A-Za-z0-9.+]', '_', archs)}" if cuda else "cpu"
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", f"torch{torch_version}-{py}-{dev}-{src}")
 
 
@@ -182,16 +194,26 @@ def missing_tool() -> str | None:
     return None
 
 
-def jit_build(torch, build_dir: str, csrc: str, cuda: bool, text: str, archs: str) -> str:
-    """Compile the extension into ``build_dir`` with ninja; returns the library's path (loaded)."""
+def jit_build(torch, build_dir: str, csrc: str, cuda: bool, text: str) -> str:
+    """Compile the extension into ``build_dir`` with ninja (loading it); returns the library's path."""
+    archs = ""
+    import logging
     if cuda:
         os.environ["CUDA_HOME"] = find_cuda_home()
-    from torch.utils import cpp_extension as ce
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its import warns about CUDA_HOME even for a CPU-only build
+    try:
+        from torch.utils import cpp_extension as ce
+    finally:
+        log.setLevel(level)
     if cuda:
         ce.CUDA_HOME = os.environ["CUDA_HOME"]  # imported earlier by someone else: its guess may be wrong
+        archs = build_archs()
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     old_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    if cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     try:
         sources = source_files(csrc, cuda) + [write_stamp_source(os.path.join(build_dir, "build_stamp.cpp"), text)]
         ce.load(name=JIT_NAME, sources=sources, extra_cflags=CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),

@@ -72,7 +72,7 @@ def _load_jit() -> str | None:
         cuda = _build.with_cuda(torch)
     except RuntimeError as e:
         return str(e)
-    archs = _build.cuda_arch_list(torch) if cuda else ""
+    archs = _build.arch_key() if cuda else ""
     src = _build.source_hash(csrc)
     d = os.path.join(_build.cache_root(), _build.cache_key(torch.__version__, cuda, archs, src))
     lib, ok, failed = os.path.join(d, _build.JIT_NAME + ".so"), os.path.join(d, "ok"), os.path.join(d, "failed")
@@ -90,11 +90,11 @@ def _load_jit() -> str | None:
                     return f"the first-use build failed (see {d}/build.log)"
                 if os.path.exists(os.path.join(d, "lock")):
                     os.remove(os.path.join(d, "lock"))  # torch's build baton, left by a killed build
-                what = "C++ CPU and CUDA (" + archs + ")" if cuda else "C++ CPU"
+                what = "C++ CPU and CUDA" if cuda else "C++ CPU"
                 _say(f"compiling the {what} extension for torch {torch.__version__} into {d} "
                      f"(first use; once, a few minutes)")
                 try:
-                    _build.jit_build(torch, d, csrc, cuda, _build.stamp(torch.__version__, cuda, src), archs)
+                    _build.jit_build(torch, d, csrc, cuda, _build.stamp(torch.__version__, cuda, src))
                 except Exception as e:  # a compile error: keep the log, say where, run on the other backends
                     os.makedirs(d, exist_ok=True)
                     with open(os.path.join(d, "build.log"), "w") as f:

@@ -86,8 +86,8 @@ def _finished(command: str, out: str, rank0: bool) -> bool:
                 r = json.load(f)
             results[r["stage"]] = r
         r = results.get(command, {})
-        detail = (f"iteration {r['iterations']} of {r['iterations']}" if "iterations" in r else f"step {r['steps']} of {r['steps']}" if "steps" in r
-                  else "every stage")
+        n = r.get("iterations", r.get("steps"))
+        detail = "every stage" if n is None else f"{'iteration' if 'iterations' in r else 'step'} {n} of {n}"
         print(f"[{command}] {out} is complete ({detail}): nothing to resume. Run without --resume (or with "
               "another --out) to train again.")
         print(pipeline.summary_table(results))

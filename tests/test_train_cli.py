@@ -188,7 +188,8 @@ RESUME_RUNS = {  # each stage (and the pipeline) run to its end on tiny settings
                  "ppo.minibatch_size=4", "ppo.ppo_epochs=1", "ppo.ptx_batch_size=2", "ppo.max_new_tokens=2"],
 }
 RESUME_DATA = {"sft": [GOOD_SFT, {"prompt": "Q: z?\nA:", "response": " w"}],
-               "reward": [{"prompt": "p", "chosen": " a", "rejected": " b"}, {"prompt": "q", "chosen": " c", "rejected": " d"}],
+               "reward": [{"prompt": "p", "chosen": " a", "rejected": " b"},
+                          {"prompt": "q", "chosen": " c", "rejected": " d"}],
                "ppo": [{"prompt": "Q: a?\nA:", "answer": "x"}, {"prompt": "Q: b?\nA:", "answer": "y"}]}
 
 
