@@ -9,8 +9,8 @@ TORCH   ?= torch==2.14.1
 # few packages their loss-side modules import (and what verl's ray_trainer imports, for the dispatch test).
 PEERS        ?= trl==1.16.0 ray==2.60.0 omegaconf==2.3.1 tensordict==0.15.3 codetiming==1.4.0 hydra-core==1.3.8 \
                 orjson==3.13.0 cachetools==8.0.2 uvicorn==0.54.0 fastapi==0.165.0 opentelemetry-api==1.45.2 \
-                pylatexenc==2.11
-PEERS_NODEPS ?= verl==0.9.1 openrlhf==0.11.2 liger-kernel==0.8.5 peft==0.21.2 torchdata==0.11.0
+                pylatexenc==2.11 packaging==26.4
+PEERS_NODEPS ?= verl==0.9.1 openrlhf==0.11.2 liger-kernel==0.8.5 peft==0.21.2 torchdata==0.11.0 megatron-core==0.16.1
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
 

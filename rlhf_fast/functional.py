@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
+from . import _vocab_parallel as _vp
 from . import reference as ref
-from ._backend import current_override, register, select
+from ._backend import _registry, current_override, register, select
 from ._layout import logits_rows
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
@@ -59,19 +60,44 @@ def _check_logits_labels(logits, labels, temperature):
     check.positive("temperature", temperature)
 
 
-def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend=None):
+def _tp_shard(process_group, vocab_start, V_local, labels, ignore_index, device):
+    """None without tensor parallelism, else this rank's _vocab_parallel.Shard (checked; see that module)."""
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError(f"vocab_start={vocab_start!r} needs a process_group (the tensor-parallel group)")
+        return None
+    return _vp.shard(process_group, vocab_start, V_local, labels, ignore_index, device)
+
+
+def _backend_name(op, impl):
+    return next(b for b, f in _registry[op].items() if f is impl)
+
+
+def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, process_group=None,
+             vocab_start=None, backend=None):
     """Log-probability of each label under softmax(logits / T), and optionally the entropy.
 
     logits [..., V] fp16/bf16/fp32/fp64, labels [...] integer in [0, V) or ``ignore_index``.
     Returns logp [...] fp32 (fp64 for fp64 logits), and entropy [...] if ``return_entropy``.
     Ignored positions give 0 and pass 0 gradient. Never materialises log_softmax on the fused
     backends: they keep one logsumexp per row for the backward.
+
+    Tensor parallel (docs/tensor_parallel.md): with ``process_group``, logits [..., V_r] are this rank's
+    columns [vocab_start, vocab_start + V_r) of the vocabulary (default vocab_start = rank·V_r), labels are
+    global ids, the same on every rank; logp and entropy are the full-vocabulary values, the same bits on
+    every rank; the gradient is this rank's slice of the unsharded one (no communication in the backward).
     """
     _check_logits_labels(logits, labels, temperature)
     V = logits.shape[-1]
-    check.labels_in_range(labels, V, ignore_index)
     impl = select("logprobs", logits.device, backend)
     x = _flat_logits(logits)
+    sh = _tp_shard(process_group, vocab_start, V, labels, ignore_index, logits.device)
+    if sh is not None:
+        out = _vp.logprobs(x, labels.reshape(-1).long(), sh, _backend_name("logprobs", impl), temperature,
+                           ignore_index)
+        logp, ent = out[0].reshape(labels.shape), out[1].reshape(labels.shape)
+        return (logp, ent) if return_entropy else logp
+    check.labels_in_range(labels, V, ignore_index)
     out = impl(x, labels.reshape(x.shape[:-1]).long(), temperature, ignore_index, return_entropy)
     if return_entropy:
         return out[0].reshape(labels.shape), out[1].reshape(labels.shape)
@@ -79,10 +105,19 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, backend=None):
+                    return_entropy=False, process_group=None, vocab_start=None, reduce_hidden_grad=True,
+                    backend=None):
     """logprobs(hidden @ weight.T + bias, labels) from the last hidden states and the lm_head.
 
     hidden [N, H], weight [V, H], bias [V] or None, labels [N]; returns logp [N] fp32 (and entropy).
+
+    Tensor parallel: with ``process_group``, weight [V_r, H] (and bias [V_r]) are this rank's rows
+    [vocab_start, vocab_start + V_r) of the lm_head, hidden the full [N, H] on every rank (as logprobs).
+    ``reduce_hidden_grad=True``: grad hidden is the full gradient, all-reduced over the group in the
+    backward (the input gradient of a column-parallel layer). ``False``: this rank's partial (its shard's
+    logits only), for callers whose own backward sums the partials: Megatron's sequence-parallel gather
+    (reduce-scatter), verl's fused ``linear_cross_entropy`` (its backward does no all-reduce), Apple CCE's
+    ``reduce_e_grad=False``.
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         check.floating(name, t)
@@ -96,9 +131,21 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignor
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     check.positive("temperature", temperature)
-    check.labels_in_range(labels, weight.shape[0], ignore_index)
+    _check_reduce_flag(reduce_hidden_grad)
     impl = select("linear_logprobs", hidden.device, backend)
+    sh = _tp_shard(process_group, vocab_start, weight.shape[0], labels, ignore_index, hidden.device)
+    if sh is not None:
+        logp, ent = _vp.linear_logprobs(hidden, weight, labels.long(), bias, sh,
+                                        _backend_name("linear_logprobs", impl), impl, temperature, ignore_index,
+                                        reduce_hidden_grad)
+        return (logp, ent) if return_entropy else logp
+    check.labels_in_range(labels, weight.shape[0], ignore_index)
     return impl(hidden, weight, labels.long(), bias, temperature, ignore_index, return_entropy)
+
+
+def _check_reduce_flag(reduce_hidden_grad):
+    if not isinstance(reduce_hidden_grad, bool):
+        raise ValueError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
 
 
 def kl(logp, ref_logp, *, estimator="k3", clamp=None, old_logp=None, backend=None):
@@ -438,7 +485,7 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, margin=None):
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                          kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                          dual_clip=None, agg="token-mean", weights=None, num_tokens=None, num_seqs=None,
-                         cu_seqlens=None, max_seqlen=None, backend=None):
+                         cu_seqlens=None, max_seqlen=None, process_group=None, vocab_start=None, backend=None):
     """The PPO policy loss straight from the logits, with KL and entropy terms.
 
     logits [B, T, V], labels [B, T] (masked positions may hold anything in [0, V) or -100),
@@ -449,6 +496,9 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
     Returns (loss, stats: pg_loss, clipfrac, approx_kl, dual_clipfrac, entropy, kl if ref_logp given).
     Packed: logits [N, V] and [N] per-token inputs with cu_seqlens [S + 1]; a seq-mean agg scatters
     the logits to [S, T_max, V] (a copy: rf.linear_ppo_loss packs without one).
+    Tensor parallel: ``process_group`` / ``vocab_start`` as in ``logprobs`` (logits [B, T, V_r] this rank's
+    columns); the rows' logp and entropy are merged over the group, then the per-token terms run on [B, T]
+    (any backend; ``weights`` work too), the same bits on every rank.
     """
     if cu_seqlens is not None:
         p = Packing(cu_seqlens, labels, max_seqlen)
@@ -457,7 +507,8 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
                 p.pad(logits), p.pad(labels, -100), p.pad(old_logp), p.pad(advantages), p.pad(mask),
                 ref_logp=p.pad(ref_logp), kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                weights=p.pad(weights), num_tokens=num_tokens, num_seqs=num_seqs, backend=backend)
+                weights=p.pad(weights), num_tokens=num_tokens, num_seqs=num_seqs, process_group=process_group,
+                vocab_start=vocab_start, backend=backend)
     _check_logits_labels(logits, labels, temperature)
     check.floating("old_logp", old_logp)
     advantages = _row_advantages(advantages, old_logp)
@@ -466,6 +517,14 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, *, ref_logp
         raise ValueError(f"old_logp must have the shape of labels {tuple(labels.shape)}, got {tuple(old_logp.shape)}")
     _check_agg(agg, old_logp, num_tokens, num_seqs)
     check.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    if process_group is not None or vocab_start is not None:
+        if weights is not None:
+            _check_weights(weights, old_logp)
+        logp, ent = logprobs(logits, labels, temperature=temperature, return_entropy=True,
+                             process_group=process_group, vocab_start=vocab_start, backend=backend)
+        return ref.ppo_loss_from_logprobs(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+                                          entropy_coef, clip_low, clip_high, dual_clip, agg, weights, num_tokens,
+                                          num_seqs)
     check.labels_in_range(labels, logits.shape[-1], -100)
     impl = select("ppo_loss_from_logits", logits.device, backend)
     args = (logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator, entropy_coef,
@@ -553,7 +612,7 @@ register("linear_ppo_loss", "reference")(_linear_ppo_loss_reference)
 def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_logp=None, kl_coef=0.0,
                     kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                     dual_clip=None, agg="token-mean", cu_seqlens=None, head_dtype=None, chunk_size=None,
-                    backend=None):
+                    process_group=None, vocab_start=None, reduce_hidden_grad=True, backend=None):
     """ppo_loss_from_logits(hidden @ weight.T + bias, ...) without the [N, V] logits.
 
     hidden [B, T, H] (or [N, H] packed: sequences at rows cu_seqlens[i]:cu_seqlens[i+1]), weight [V, H],
@@ -563,6 +622,10 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
     and V, at most N/8 rows). Same value, gradients (hidden, weight, bias) and stats as
     ppo_loss_from_logits; the chunked backends compute the gradients in the forward, so the loss can
     be backpropagated once.
+    Tensor parallel: ``process_group``, ``vocab_start``, ``reduce_hidden_grad`` as in ``linear_logprobs``
+    (weight [V_r, H] this rank's lm_head rows). The rows' logp and entropy come from the chunked
+    linear_logprobs (merged over the group), the per-token terms run on [B, T]: the backward recomputes
+    each chunk's logits (4 GEMMs per chunk, one more than without a group).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         check.floating(name, t)
@@ -595,8 +658,35 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=
     _check_clip("clip_high", clip_high, allow_none=True)
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
         raise ValueError(f"dual_clip must be a number > 1, got {dual_clip!r}")
+    _check_reduce_flag(reduce_hidden_grad)
+    sh = _tp_shard(process_group, vocab_start, weight.shape[0], labels, -100, hidden.device)
+    if sh is not None:
+        return _linear_ppo_loss_tp(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, kl_coef,
+                                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip, agg,
+                                   cu_seqlens, head_dtype, chunk_size, sh, reduce_hidden_grad, backend)
     check.labels_in_range(labels, weight.shape[0], -100)
     impl = select("linear_ppo_loss", hidden.device, backend)
     return impl(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, kl_coef, kl_estimator,
                 entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, head_dtype,
                 cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+
+
+def _linear_ppo_loss_tp(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, kl_coef, kl_estimator,
+                        entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, cu_seqlens, head_dtype,
+                        chunk_size, sh, reduce_hidden_grad, backend):
+    """linear_ppo_loss over a vocab-sharded lm_head: the group's rows from linear_logprobs, then the per-token
+    terms (reference.ppo_loss_from_logprobs) on [B, T], or on the padded [S, T] of a packed batch."""
+    impl = select("linear_logprobs", hidden.device, backend)
+    h, w = hidden.reshape(-1, hidden.shape[-1]), weight
+    if head_dtype is not None:
+        h, w = h.to(head_dtype), w.to(head_dtype)
+    logp, ent = _vp.linear_logprobs(h, w, labels.reshape(-1).long(), bias, sh,
+                                    _backend_name("linear_logprobs", impl), impl, temperature, -100,
+                                    reduce_hidden_grad, chunk_size)
+    logp, ent = logp.reshape(labels.shape), ent.reshape(labels.shape)
+    if cu_seqlens is not None:
+        p = Packing(cu_seqlens, labels)
+        logp, ent, old_logp, advantages, mask, ref_logp = (p.pad(t) for t in (logp, ent, old_logp, advantages, mask,
+                                                                               ref_logp))
+    return ref.ppo_loss_from_logprobs(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+                                      entropy_coef, clip_low, clip_high, dual_clip, agg)

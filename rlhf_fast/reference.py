@@ -341,6 +341,14 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp=No
 
     ``weights`` multiply the policy term only; num_tokens / num_seqs normalise all three terms."""
     logp, entropy = logprobs(logits, labels, temperature, ignore_index=-100, return_entropy=True)
+    return ppo_loss_from_logprobs(logp, entropy, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+                                  entropy_coef, clip_low, clip_high, dual_clip, agg, weights, num_tokens, num_seqs)
+
+
+def ppo_loss_from_logprobs(logp, entropy, old_logp, advantages, mask, ref_logp=None, kl_coef=0.0, kl_estimator="k3",
+                           entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean",
+                           weights=None, num_tokens=None, num_seqs=None):
+    """The per-token part of ppo_loss_from_logits, given the rows' logp and entropy [B, T]."""
     loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights,
                                   num_tokens, num_seqs)
     stats["pg_loss"] = loss.detach()

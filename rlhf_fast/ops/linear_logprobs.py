@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import _backend, _compiled
+from .. import _vocab_parallel as _vp
 from . import logprobs as _triton_logprobs
 
 CHUNK_BYTES = 256 << 20   # bound on one chunk's fp32 logits
@@ -73,7 +74,11 @@ def _chunk_logits(h, w, bias, acc):
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, kernels, chunk_rows):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, kernels, chunk_rows, tp):
+        # tp: a _vocab_parallel.Shard (weight holds rows [start, start + V) of the lm_head) or None
+        glabels = labels
+        if tp is not None:
+            labels, owned = _vp.local_labels(labels, tp, ignore_index)
         acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
         N, V = hidden.shape[0], weight.shape[0]
         chunk_rows = chunk_rows or default_chunk_rows(N, V, acc)
@@ -88,6 +93,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
             for dst, src in zip((logp, ent, lse), out):
                 dst[i:j] = src
             del logits, out
+        if tp is not None:  # the shard's partials -> the global rows (one all-gather of [N, 4])
+            logp, ent, lse = _vp.gather_merge(logp, ent, lse, owned, glabels != ignore_index, tp)
+            ctx.owned = owned
+        ctx.tp = tp
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
         ctx.acc, ctx.inv_t, ctx.ignore_index = acc, inv_t, ignore_index
         ctx.kernels, ctx.chunk_rows = kernels, chunk_rows
@@ -109,8 +118,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
             j = min(N, i + C)
             h = hidden[i:j].to(w.dtype)
             logits = _chunk_logits(h, w, b, acc)
-            g = ctx.kernels.bwd(None if g_logp is None else g_logp[i:j], None if g_ent is None else g_ent[i:j],
-                                logits, labels[i:j], lse[i:j], ent[i:j], ctx.inv_t, ctx.ignore_index)
+            g_args = (None if g_logp is None else g_logp[i:j], None if g_ent is None else g_ent[i:j])
+            if ctx.tp is None:
+                g = ctx.kernels.bwd(*g_args, logits, labels[i:j], lse[i:j], ent[i:j], ctx.inv_t, ctx.ignore_index)
+            else:  # the same kernel, column 0 of the rows owned by other ranks recomputed
+                g = _vp.shard_backward(ctx.kernels.bwd, *g_args, logits, labels[i:j], ctx.owned[i:j], lse[i:j],
+                                       ent[i:j], ctx.inv_t, ctx.ignore_index)
             del logits  # (the Triton backward wrote g into it)
             if need_b:
                 grad_b += g.sum(0)
@@ -124,22 +137,23 @@ class LinearLogprobsFunction(torch.autograd.Function):
                     grad_w += _mm(g.T, h, acc)
             del g
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def _implementation(kernels: _Kernels, backend: str):
     def linear_logprobs(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100,
-                        return_entropy=False, *, chunk_size=None):
+                        return_entropy=False, *, chunk_size=None, tp=None):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
         logp, ent = LinearLogprobsFunction.apply(hidden, weight, bias, labels, float(temperature),
-                                                 int(ignore_index), kernels, chunk_size)
+                                                 int(ignore_index), kernels, chunk_size, tp)
         return (logp, ent) if return_entropy else logp
 
     linear_logprobs.__doc__ = (
         f'The "{backend}" backend of ``rf.linear_logprobs`` (signature of ``reference.linear_logprobs``):\n'
         "hidden [N, H], weight [V, H], labels [N], bias [V] or None, in chunks of ``chunk_size`` rows\n"
-        "(default: ``default_chunk_rows``) that never hold more than one chunk's [rows, V] logits.")
+        "(default: ``default_chunk_rows``) that never hold more than one chunk's [rows, V] logits;\n"
+        "``tp``: a rlhf_fast._vocab_parallel.Shard when weight is this rank's rows of a vocab-sharded lm_head.")
     return linear_logprobs
 
 
