@@ -93,8 +93,8 @@ def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_FAST_CACHE_DIR", str(tmp_path / "mine"))
     assert _build.cache_root() == str(tmp_path / "mine")
     # one folder per torch version, Python, CPU / CUDA archs and sources
-    keys = {_build.cache_key(v, c, a, s) for v in ("2.14.1+cu130", "2.14.1+cpu") for c, a in ((False, ""), (True, "9.0"))
-            for s in ("abc", "abd")}
+    keys = {_build.cache_key(v, c, a, s) for v in ("2.14.1+cu130", "2.14.1+cpu")
+            for c, a in ((False, ""), (True, "9.0")) for s in ("abc", "abd")}
     assert len(keys) == 8 and all(f"py{sys.version_info[0]}{sys.version_info[1]}" in k for k in keys)
     assert all("/" not in k for k in keys)
 
@@ -134,7 +134,8 @@ def test_first_use_build_is_loaded_from_the_cache(tmp_path):
     shutil.copy(_compiled.LIBRARY, d / (_build.JIT_NAME + ".so"))
     (d / "ok").touch()
     out, said = _run(CHECK + "from rlhf_fast import _compiled; print('ORIGIN:', _compiled.ORIGIN)\n"
-                     "lg = torch.randn(5, 33, dtype=torch.float64, requires_grad=True); lb = torch.randint(0, 33, (5,))\n"
+                     "lg = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)\n"
+                     "lb = torch.randint(0, 33, (5,))\n"
                      "a = rf.logprobs(lg, lb, backend='cpu'); r = rf.logprobs(lg, lb, backend='reference')\n"
                      "ga, = torch.autograd.grad(a.sum(), lg); gr, = torch.autograd.grad(r.sum(), lg)\n"
                      "print('DIFF:', float((a - r).abs().max()), float((ga - gr).abs().max()))\n",
@@ -168,9 +169,9 @@ def test_aot_build_for_another_torch(tmp_path, mode):
     else:
         assert len(said) == 2, said
         assert mismatch in said[0] and said[0].endswith("building it on first use instead")
-        assert said[1] == ("rlhf_fast: cannot build the C++ extension on first use: no C++ compiler ('/nonexistent/c++' "
-                           "is not on PATH; set CXX or install g++/clang); the ops run on the reference/Triton "
-                           "backends meanwhile")
+        assert said[1] == ("rlhf_fast: cannot build the C++ extension on first use: no C++ compiler "
+                           "('/nonexistent/c++' is not on PATH; set CXX or install g++/clang); the ops run on the "
+                           "reference/Triton backends meanwhile")
         assert "no C++ compiler" in _out(out, "CPU")
 
 
