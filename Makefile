@@ -26,7 +26,7 @@ $(VENV)/.deps: $(BIN)/activate
 	$(BIN)/pip install -q --no-deps $(PEERS_NODEPS)
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
+$(VENV)/.built: $(VENV)/.deps setup.py rlhf_fast/_build.py $(wildcard csrc/*)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
