@@ -18,7 +18,7 @@ export CUDA_HOME
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77"
 
 $(VENV)/.deps: $(BIN)/activate
 	$(BIN)/pip install -q "$(TORCH)" "numpy<2.4" tqdm safetensors matplotlib tensorboard pytest pytest-benchmark ninja pybind11 transformers
@@ -26,7 +26,7 @@ $(VENV)/.deps: $(BIN)/activate
 	$(BIN)/pip install -q --no-deps $(PEERS_NODEPS)
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
+$(VENV)/.built: $(VENV)/.deps setup.py rlhf_fast/_build.py $(wildcard csrc/*)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -8,7 +8,7 @@ exactly as triton.runtime.jit does (its own binder: 16-byte alignment of pointer
 16 of integer arguments, ints equal to 1 made constexpr), then compiles that for the target with
 ``triton.compile`` — so BLOCK, num_warps, dtypes and the divisibility hints are the launchers' own,
 whatever the kernels currently are. CUDA kernels (csrc/*.cu): compiled to a cubin with the nvcc
-flags of setup.py (and torch's cpp_extension flags). Per kernel and configuration it records, from
+flags of rlhf_fast/_build.py (and torch's cpp_extension flags). Per kernel and configuration it records, from
 ``ptxas -v`` and the SASS (``cuobjdump -sass``, the binary in the Triton wheel): registers, spill
 bytes, shared memory, theoretical occupancy, the width of the global loads/stores in the hot loop
 and SASS instructions per element of the hot loop.
@@ -547,11 +547,15 @@ def triton_records(arch: int, jobs: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # CUDA
 def setup_nvcc_flags() -> list[str]:
-    """setup.py's NVCC_FLAGS (read from its source: importing setup.py would run setup())."""
+    """The build's NVCC_FLAGS (rlhf_fast/_build.py, or setup.py in older trees), read from the source so
+    that another tree's flags are read, not the imported one's."""
+    for path in (tree() / "rlhf_fast" / "_build.py", tree() / "setup.py"):
+        if not path.exists():
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+                return list(ast.literal_eval(node.value))
     module = ast.parse((tree() / "setup.py").read_text())
-    for node in module.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
-            return list(ast.literal_eval(node.value))
     for node in ast.walk(module):  # a setup.py from before NVCC_FLAGS: the list assigned to [...]["nvcc"]
         if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript)
                 and isinstance(node.targets[0].slice, ast.Constant) and node.targets[0].slice.value == "nvcc"):

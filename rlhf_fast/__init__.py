@@ -37,8 +37,14 @@ __version__ = "0.1.0"
 def available_backends() -> dict[str, str]:
     """Each backend -> "ok", "ok: <the only tensors it runs on here>" (Triton on CPU tensors under
     TRITON_INTERPRET=1 when there is no GPU), or the reason it cannot be used in this process (e.g.
-    cuda without a CUDA device). A value starting with "ok" means usable."""
-    return {b: _backend.availability(b) for b in BACKENDS}
+    cuda without a CUDA device). A value starting with "ok" means usable. The compiled backends say
+    where their extension came from: "ok (built at install: <path>)" or "ok (built on first use, cached
+    in <folder>)" (RLHF_FAST_BUILD, see rlhf_fast/_build.py)."""
+    av = {b: _backend.availability(b) for b in BACKENDS}
+    for b in ("cpu", "cuda"):
+        if av[b] == "ok" and _compiled.origin():
+            av[b] = f"ok ({_compiled.origin()})"
+    return av
 
 
 __all__ = [

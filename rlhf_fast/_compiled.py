@@ -1,23 +1,145 @@
-"""Glue for the compiled ops (csrc/): load ``rlhf_fast._C``, register fake implementations and
+"""Glue for the compiled ops (csrc/): load the extension, register fake implementations and
 autograd with ``torch.library`` (so the ops work under ``torch.compile`` and pass
 ``torch.library.opcheck``), and register the "cpu" and "cuda" backends.
 
-The schemas live in csrc/ops.cpp. If the extension is missing, the package still imports and the
-backends are marked unavailable with the reason.
+The extension comes from one of two places (rlhf_fast/_build.py says how each is built):
+  ``aot``  ``rlhf_fast/_C*.so``, built at install when torch imported at build time
+           (``pip install --no-build-isolation``, ``make setup``);
+  ``jit``  built on first use with ninja into the per-user cache (plain ``pip install``).
+RLHF_FAST_BUILD=auto|aot|jit|none picks (auto: aot if it was built against this torch, else jit). A
+library stamped with another torch version is never loaded. The schemas live in csrc/ops.cpp. If no
+extension loads, the package still imports and the backends are marked unavailable with the reason.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import os
+import sys
+
 import torch
 
-from . import _backend
+from . import _backend, _build
 from ._layout import grad_like, logits_rows
 
-try:
-    from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+ORIGIN: str | None = None  # "aot" or "jit": where the loaded extension came from
+LIBRARY: str | None = None  # its path
+_REBUILD_AOT = "`pip install --no-build-isolation .` (or `make setup`)"
 
-    LOADED, LOAD_ERROR = True, None
-except ImportError as e:  # not built, or built against another torch
-    LOADED, LOAD_ERROR = False, f"{type(e).__name__}: {e}"
+
+def _say(line: str) -> None:
+    print(f"rlhf_fast: {line}", file=sys.stderr, flush=True)
+
+
+def _aot_library() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(os.path.join(here, "_C" + suffix)):
+            return os.path.join(here, "_C" + suffix)
+    return None
+
+
+def _stamp_mismatch(lib: str) -> str | None:
+    """Why the library at ``lib`` must not be loaded into this torch, or None."""
+    st = _build.read_stamp(lib)
+    if st is None:
+        return "it carries no build stamp (built by an older rlhf_fast): its torch version is unknown"
+    if st.get("torch") != torch.__version__:
+        return f"it was built against torch {st.get('torch')}, this is torch {torch.__version__}"
+    return None
+
+
+def _load_aot(lib: str, mode: str) -> str | None:
+    """Import the AOT build; None when loaded, else why not."""
+    global ORIGIN, LIBRARY
+    why = _stamp_mismatch(lib)
+    if why is None:
+        try:
+            from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+        except ImportError as e:
+            return f"{lib} did not load ({type(e).__name__}: {e})"
+        ORIGIN, LIBRARY = "aot", lib
+        return None
+    return f"{lib} is not loaded: {why}"
+
+
+def _load_jit() -> str | None:
+    """Load the first-use build from the cache, building it if needed; None when loaded, else why not."""
+    global ORIGIN, LIBRARY
+    csrc = _build.csrc_dir()
+    if csrc is None:
+        return "no C++ sources to build from (rlhf_fast/_csrc is missing from this installation)"
+    try:
+        cuda = _build.with_cuda(torch)
+    except RuntimeError as e:
+        return str(e)
+    archs = _build.arch_key() if cuda else ""
+    src = _build.source_hash(csrc)
+    d = os.path.join(_build.cache_root(), _build.cache_key(torch.__version__, cuda, archs, src))
+    lib, ok, failed = os.path.join(d, _build.JIT_NAME + ".so"), os.path.join(d, "ok"), os.path.join(d, "failed")
+    meanwhile = "the ops run on the reference/Triton backends meanwhile"
+    if not os.path.exists(ok):
+        missing = _build.missing_tool()
+        if missing:
+            _say(f"cannot build the C++ extension on first use: {missing}; {meanwhile}")
+            return f"not built: {missing}"
+        with _build.file_lock(os.path.join(d + ".lock")):  # one builder; the others wait, then load its result
+            if not os.path.exists(ok):
+                if os.path.exists(failed):
+                    _say(f"the first-use build in {d} failed before (see {d}/build.log); {meanwhile}; "
+                         f"delete {d} to retry")
+                    return f"the first-use build failed (see {d}/build.log)"
+                if os.path.exists(os.path.join(d, "lock")):
+                    os.remove(os.path.join(d, "lock"))  # torch's build baton, left by a killed build
+                what = "C++ CPU and CUDA" if cuda else "C++ CPU"
+                _say(f"compiling the {what} extension for torch {torch.__version__} into {d} "
+                     f"(first use; once, a few minutes)")
+                try:
+                    _build.jit_build(torch, d, csrc, cuda, _build.stamp(torch.__version__, cuda, src))
+                except Exception as e:  # a compile error: keep the log, say where, run on the other backends
+                    os.makedirs(d, exist_ok=True)
+                    with open(os.path.join(d, "build.log"), "w") as f:
+                        f.write(f"{type(e).__name__}: {e}\n")
+                    open(failed, "w").close()
+                    _say(f"building the C++ extension failed (see {d}/build.log); {meanwhile}")
+                    return f"the first-use build failed (see {d}/build.log)"
+                open(ok, "w").close()
+                ORIGIN, LIBRARY = "jit", lib
+                return None
+    why = _stamp_mismatch(lib)
+    if why is not None:
+        return f"{lib} is not loaded: {why}"
+    torch.ops.load_library(lib)
+    ORIGIN, LIBRARY = "jit", lib
+    return None
+
+
+def _load() -> str | None:
+    """Load the extension as RLHF_FAST_BUILD says; None when loaded, else why it is not."""
+    mode = _build.build_mode()
+    if mode == "none":
+        return "RLHF_FAST_BUILD=none: the compiled extension is off"
+    aot = _aot_library() if mode in ("auto", "aot") else None
+    if aot is not None:
+        why = _load_aot(aot, mode)
+        if why is None or mode == "aot" or "did not load" in why:
+            return why and f"{why}; rebuild with {_REBUILD_AOT}"
+        _say(f"{why}; building it on first use instead")
+    elif mode == "aot":
+        return f"RLHF_FAST_BUILD=aot but no extension was built at install; rebuild with {_REBUILD_AOT}"
+    return _load_jit()
+
+
+LOAD_ERROR = _load()
+LOADED = LOAD_ERROR is None
+
+
+def origin() -> str | None:
+    """Where the loaded extension came from, for rf.available_backends()."""
+    if ORIGIN == "aot":
+        return f"built at install: {LIBRARY}"
+    if ORIGIN == "jit":
+        return f"built on first use, cached in {os.path.dirname(LIBRARY)}"
+    return None
 
 
 def has_kernel(op: str, key: str) -> bool:
@@ -25,13 +147,12 @@ def has_kernel(op: str, key: str) -> bool:
 
 
 if not LOADED:
-    _msg = (f"the compiled extension rlhf_fast._C did not load ({LOAD_ERROR}); rebuild with "
-            "`pip install --no-build-isolation -e .`")
+    _msg = f"the compiled extension did not load: {LOAD_ERROR}"
     _backend.mark_unavailable("cpu", _msg)
     _backend.mark_unavailable("cuda", _msg)
 elif not has_kernel("gae_fwd", "CUDA"):
-    _backend.mark_unavailable("cuda", "rlhf_fast._C was built without CUDA sources "
-                                      "(torch without CUDA, no CUDA_HOME, or RLHF_FAST_CUDA=0)")
+    _backend.mark_unavailable("cuda", f"the compiled extension ({LIBRARY}) was built without CUDA sources "
+                                      "(torch without CUDA, no CUDA toolkit found, or RLHF_FAST_CUDA=0)")
 
 if LOADED:
     ops = torch.ops.rlhf_fast

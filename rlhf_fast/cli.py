@@ -52,6 +52,49 @@ def _remove_empty_folders(top: str) -> None:
             pass
 
 
+def _progress(res: dict, cfg) -> tuple[int, int]:
+    """(steps done, steps configured) of a stage's result; PPO counts iterations."""
+    return (res["iterations"], cfg.iterations) if "iterations" in res else (res["steps"], cfg.steps)
+
+
+def _mark_finished(out: str, res: dict | None) -> None:
+    """<out>/result.json marks a stage run that reached its end (as the pipeline marks its stages); a run
+    that stopped early (stop_after) removes a stale one."""
+    import json
+    path = os.path.join(out, "result.json")
+    if res is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in res.items() if k != "history"}, f, indent=1)
+
+
+def _finished(command: str, out: str, rank0: bool) -> bool:
+    """--resume of a run that already reached its end: say so (with its summary) instead of training."""
+    import json
+
+    from .train import pipeline
+    stages = pipeline.STAGES if command == "pipeline" else (None,)
+    done = [os.path.join(out, *([s] if s else []), "result.json") for s in stages]
+    if not all(os.path.exists(p) for p in done):
+        return False
+    if rank0:
+        results = {}
+        for p in done:
+            with open(p) as f:
+                r = json.load(f)
+            results[r["stage"]] = r
+        r = results.get(command, {})
+        n = r.get("iterations", r.get("steps"))
+        detail = "every stage" if n is None else f"{'iteration' if 'iterations' in r else 'step'} {n} of {n}"
+        print(f"[{command}] {out} is complete ({detail}): nothing to resume. Run without --resume (or with "
+              "another --out) to train again.")
+        print(pipeline.summary_table(results))
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
@@ -75,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # on bad input, empty folders it created are removed (never a file, never a folder that was there)
     created = not os.path.exists(out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.resume and _finished(args.command, out, rank0):
+        return 0
     t0 = time.time()
     try:
         if args.command == "pipeline":
@@ -90,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         if created:
             _remove_empty_folders(out)
         return 1
+    steps, total = _progress(res, cfg)
+    if res.get("first_loss") is None and not res.get("history"):  # resumed where this invocation ends
+        if rank0:
+            print(f"[{args.command}] no step to run: {out} is at step {steps} of {total} and stop_after="
+                  f"{cfg.stop_after}; raise stop_after (0 = to the end) to continue")
+        return 0
     if rank0:
+        _mark_finished(out, res if steps >= total else None)
         res["seconds"] = time.time() - t0
         png = plot_curves([os.path.join(out, "metrics.jsonl")], os.path.join(out, "curves.png"))
         print(f"[{args.command}] done in {res['seconds']:.1f}s: {pipeline.stage_result_line(res)}")

@@ -1,4 +1,5 @@
 """Backend choice, the compiled ops' torch.library registration (opcheck, torch.compile), import safety."""
+import os
 import subprocess
 import sys
 
@@ -82,7 +83,8 @@ def test_import_without_extension_explains():
         "print(rf.available_backends()['cpu'])\n"
         "print(float(rf.logprobs(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long))[0]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "RLHF_FAST_BUILD": "aot"}  # only the install's build: no first-use build here
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert "did not load" in out and "rebuild" in out
     assert float(out.strip().splitlines()[-1]) == pytest.approx(-1.3862943611198906)
 

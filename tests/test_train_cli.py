@@ -175,3 +175,50 @@ def getattr_path(obj, key):
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2"]
+RESUME_RUNS = {  # each stage (and the pipeline) run to its end on tiny settings
+    "pretrain": [*TINY, "steps=3", "eval_every=1000", "batch_size=4"],
+    "sft": ["steps=2", "batch_size=2", "eval_frac=0"],
+    "reward": ["steps=2", "batch_size=2", "eval_frac=0"],
+    "ppo": ["iterations=1", "rollout_size=2", "minibatch_size=2", "ppo_epochs=1", "max_new_tokens=2", "eval_frac=0"],
+    "pipeline": [*("pretrain." + o for o in TINY), "pretrain.steps=2", "pretrain.batch_size=4", "sft.steps=1",
+                 "sft.batch_size=4", "reward.steps=1", "reward.batch_size=4", "ppo.iterations=1", "ppo.rollout_size=4",
+                 "ppo.minibatch_size=4", "ppo.ppo_epochs=1", "ppo.ptx_batch_size=2", "ppo.max_new_tokens=2"],
+}
+RESUME_DATA = {"sft": [GOOD_SFT, {"prompt": "Q: z?\nA:", "response": " w"}],
+               "reward": [{"prompt": "p", "chosen": " a", "rejected": " b"},
+                          {"prompt": "q", "chosen": " c", "rejected": " d"}],
+               "ppo": [{"prompt": "Q: a?\nA:", "answer": "x"}, {"prompt": "Q: b?\nA:", "answer": "y"}]}
+
+
+@pytest.mark.parametrize("stage", list(RESUME_RUNS))
+def test_resume_of_a_finished_run_says_it_is_complete(capsys, tmp_path, init, stage):
+    """The same command again with --resume after the run reached its end: one line saying the run is
+    complete, exit 0, nothing trained or rewritten."""
+    out = tmp_path / "out"
+    argv = [stage, "--out", str(out), *(["--data", _write(tmp_path, RESUME_DATA[stage]), f"init={init['init']}"]
+                                        if stage in RESUME_DATA else []), "device=cpu", *RESUME_RUNS[stage]]
+    if stage == "ppo":
+        argv.append(f"reward_model={init['reward_model']}")
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    model = out / ("ppo" if stage == "pipeline" else ".") / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    assert main([*argv, "--resume"]) == 0
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and cap.err.strip() == ""
+    assert f"{out} is complete" in cap.out and "nothing to resume" in cap.out, cap.out
+    assert model.stat().st_mtime_ns == before  # not retrained
+
+
+def test_resume_with_nothing_left_in_this_invocation(capsys, tmp_path):
+    """stop_after reached, then --resume with the same stop_after: no step runs; a clear line, exit 0."""
+    out = tmp_path / "out"
+    argv = ["pretrain", "--out", str(out), "device=cpu", *RESUME_RUNS["pretrain"], "stop_after=2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and "no step" in cap.out and "2 of 3" in cap.out, cap.out

@@ -129,7 +129,7 @@ def run(cfg: PipelineConfig, out: str = "runs/pipeline", resume: bool = False, s
 
 def stage_result_line(r: dict) -> str:
     if r["stage"] == "pretrain":
-        return f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, held-out loss {r['eval_loss_after']:.3f}"
+        return f"loss {_fmt(r['first_loss'])} -> {_fmt(r['last_loss'])}, held-out loss {r['eval_loss_after']:.3f}"
     if r["stage"] == "sft":
         return f"held-out accuracy {r['eval_acc_before']:.2f} -> {r['eval_acc_after']:.2f}"
     if r["stage"] == "reward":
