@@ -71,8 +71,9 @@ def _mark_finished(out: str, res: dict | None) -> None:
         json.dump({k: v for k, v in res.items() if k != "history"}, f, indent=1)
 
 
-def _finished(command: str, out: str, rank0: bool) -> bool:
-    """--resume of a run that already reached its end: say so (with its summary) instead of training."""
+def _finished(command: str, out: str, rank0: bool, cfg) -> bool:
+    """--resume of a run that already reached its end: say so (with its summary) instead of training. A
+    stage resumed with more steps (iterations) than its finished run had is not finished: it continues."""
     import json
 
     from .train import pipeline
@@ -80,12 +81,16 @@ def _finished(command: str, out: str, rank0: bool) -> bool:
     done = [os.path.join(out, *([s] if s else []), "result.json") for s in stages]
     if not all(os.path.exists(p) for p in done):
         return False
+    results = {}
+    for p in done:
+        with open(p) as f:
+            r = json.load(f)
+        results[r["stage"]] = r
+    if command != "pipeline":
+        steps, total = _progress(results[command], cfg)
+        if steps < total:
+            return False
     if rank0:
-        results = {}
-        for p in done:
-            with open(p) as f:
-                r = json.load(f)
-            results[r["stage"]] = r
         r = results.get(command, {})
         n = r.get("iterations", r.get("steps"))
         detail = "every stage" if n is None else f"{'iteration' if 'iterations' in r else 'step'} {n} of {n}"
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # on bad input, empty folders it created are removed (never a file, never a folder that was there)
     created = not os.path.exists(out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    if args.resume and _finished(args.command, out, rank0):
+    if args.resume and _finished(args.command, out, rank0, cfg):
         return 0
     t0 = time.time()
     try:

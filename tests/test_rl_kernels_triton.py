@@ -290,10 +290,12 @@ _AOT = textwrap.dedent("""
     build(gae._gae_bwd_kernel, dict(ga_ptr=f32, gr_ptr=f32, m_ptr="*i1", dr_ptr="*bf16", dv_ptr=f32, T=i32,
           gamma=f64, lam=f64), dict(HAS_GA=True, HAS_GR=True, HAS_VALUES=True, ACC=tl.float32, BLOCK_T=1024))
     build(kl._kl_fwd_kernel, dict(lp_ptr="*bf16", ref_ptr=f32, out_ptr=f32, grad_ptr=f32, N=i32, clamp=f64),
-          dict(EST=2, PLUS=False, HAS_CLAMP=True, WRITE_GRAD=True, ACC=tl.float32, NTERMS=10, BLOCK=1024))
-    build(ppo_loss._policy_fwd_kernel, dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, m_ptr="*u8", scale_ptr=f32,
-          dlp_ptr=f32, dadv_ptr=f32, part_ptr=f32, N=i32, T=i32, lo=f64, hi=f64, dual_c=f64),
-          dict(HAS_DUAL=True, WRITE_DLP=True, WRITE_DADV=True, ACC=tl.float32, BLOCK=1024))
+          dict(EST=2, PLUS=False, HAS_CLAMP=True, WRITE_GRAD=True, K3_FLOOR=88.0, ACC=tl.float32, NTERMS=10,
+               BLOCK=1024))
+    for loss in ppo_loss.LOSS_CODES.values():  # ppo, gspo (per-token sequence log-ratio in seq_ptr), cispo
+        build(ppo_loss._policy_fwd_kernel, dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, m_ptr="*u8", scale_ptr=f32,
+              dlp_ptr=f32, dadv_ptr=f32, part_ptr=f32, seq_ptr=f32, N=i32, T=i32, lo=f64, hi=f64, dual_c=f64),
+              dict(HAS_DUAL=loss == 0, WRITE_DLP=True, WRITE_DADV=True, ACC=tl.float32, BLOCK=1024, LOSS=loss))
     build(ppo_loss._value_fwd_kernel, dict(v_ptr=f32, old_ptr=f32, ret_ptr=f32, m_ptr="*u8", scale_ptr=f32,
           dv_ptr=f32, dold_ptr=f32, part_ptr=f32, N=i32, T=i32, clip=f64),
           dict(HAS_CLIP=True, WRITE_GRAD=True, ACC=tl.float32, BLOCK=1024))
@@ -325,4 +327,4 @@ def test_kernels_compile_ahead_of_time_for_sm90():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _AOT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert p.stdout.count("ok") == 11, p.stdout
+    assert p.stdout.count("ok") == 13, p.stdout
