@@ -106,6 +106,18 @@ def _actor_cfg(agg_info):
                              "global_batch_info": agg_info})
 
 
+def _rf_and_verl(core, loss, old, lp, adv, mask, agg, cfg, w):
+    """(loss, metrics, grads of old, lp, adv) of verl's registered policy loss rf_<loss>, then of its own <loss>."""
+    res = []
+    for name in (f"rf_{loss}", loss):
+        leaves = [t.clone().requires_grad_() for t in (old, lp, adv)]
+        out, metrics = core.get_policy_loss_fn(name)(*leaves, mask, loss_agg_mode=agg, config=cfg,
+                                                     rollout_is_weights=w)
+        out.backward()
+        res.append((out, metrics, [t.grad for t in leaves]))
+    return res
+
+
 INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 70, "global_batch_size": 13, "loss_scale_factor": None},
          {"dp_size": 1, "batch_num_tokens": 40, "global_batch_size": 9, "loss_scale_factor": 16}]
 
@@ -124,14 +136,7 @@ def test_rf_vanilla_matches_vanilla(registered, agg, info, is_weights):
     mask[0] = 0
     w = torch.rand(B, T, generator=g, dtype=torch.float64) * 2 if is_weights else None
     cfg = _actor_cfg(INFOS[info])
-    res = []
-    for name in ("rf_vanilla", "vanilla"):
-        leaves = [t.clone().requires_grad_() for t in (old, lp, adv)]
-        loss, metrics = core.get_policy_loss_fn(name)(*leaves, mask, loss_agg_mode=agg, config=cfg,
-                                                      rollout_is_weights=w)
-        loss.backward()
-        res.append((loss, metrics, [t.grad for t in leaves]))
-    (l1, m1, g1), (l2, m2, g2) = res
+    (l1, m1, g1), (l2, m2, g2) = _rf_and_verl(core, "vanilla", old, lp, adv, mask, agg, cfg, w)
     tol = 1e-7 if agg == "seq-mean-token-mean" else 1e-10  # verl divides by (row count + 1e-8), rf by the count
     assert_rel(l1, l2, tol, f"{agg} loss")
     assert set(m1) == set(m2) and all(isinstance(v, float) for v in m1.values())
@@ -172,14 +177,7 @@ def test_rf_gspo_and_cispo_match_verl(registered, loss, agg, info, is_weights):
         w, _ = rf_verl.F.rollout_correction(old, old + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64),
                                             mask, mode="mask", low=0.8, high=1.25)
     cfg = _verl_actor_cfg(INFOS[info])
-    res = []
-    for name in (f"rf_{loss}", loss):
-        leaves = [t.clone().requires_grad_() for t in (old, lp, adv)]
-        out, metrics = core.get_policy_loss_fn(name)(*leaves, mask, loss_agg_mode=agg, config=cfg,
-                                                     rollout_is_weights=w)
-        out.backward()
-        res.append((out, metrics, [t.grad for t in leaves]))
-    (l1, m1, g1), (l2, m2, g2) = res
+    (l1, m1, g1), (l2, m2, g2) = _rf_and_verl(core, loss, old, lp, adv, mask, agg, cfg, w)
     assert rf_verl.calls[f"rf_{loss}"] > 0
     assert l1.dtype == torch.float64 and float(l2.detach()) != 0
     tol = 1e-7 if agg == "seq-mean-token-mean" else 1e-10  # verl divides by (row count + 1e-8), rf by the count
